@@ -1,0 +1,152 @@
+"""The Backend protocol: what a plugin author implements.
+
+A backend turns LLM run records into one receiving service's API. It is registered under
+the entry-point group ``dispatch_celery.backends``::
+
+    [project.entry-points."dispatch_celery.backends"]
+    mybackend = "my_package.module:MyBackend"
+
+and is imported only when a worker or bridge for that service starts. The class must offer
+
+* ``from_settings(service, settings) -> instance`` (classmethod): read options through
+  ``settings.option(service, "API_KEY")`` (i.e. ``DISPATCH_<SERVICE>_API_KEY``) and raise
+  ``ConfigError`` naming the variable when something is missing or invalid;
+* ``deliver(runs, ctx) -> DeliveryReport``: send the runs; classify failures;
+* ``close()``: release connections.
+
+Contract of ``deliver``:
+
+* Raise ``TransientDeliveryError(retry_after=...)`` when nothing could be delivered and a
+  later attempt may succeed (timeouts, connection errors, 408, 429, 5xx), and
+  ``PermanentDeliveryError`` when the whole call will never succeed (bad credentials).
+* Otherwise return a ``DeliveryReport``: every run not named in it counts as delivered;
+  ``rejected`` names runs refused for good (dead-lettered alone, with the reason);
+  ``deferred`` names runs that failed transiently (only those are retried).
+* Be idempotent per run id: a retried or replayed run carries the same ``record["id"]``.
+* Never put credentials in exception messages or reasons; translate the HTTP library's
+  and the vendor's exceptions here, at this boundary.
+* Call ``ctx.acquire()`` before each request when the backend is rate limited, and
+  ``ctx.slow_down(seconds)`` when the vendor answered 429.
+
+The core owns everything else: decoding, filtering, redaction, size caps, retries with
+backoff and jitter, dead-lettering, counting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, runtime_checkable
+
+from dispatch_celery.errors import PermanentDeliveryError, TransientDeliveryError
+from dispatch_celery.events import Event
+from dispatch_celery.records import RunRecord
+from dispatch_celery.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One event ready for delivery: its record (redacted, capped) and its raw entry."""
+
+    record: RunRecord
+    event: Event
+    raw: bytes  # the original entry data with sensitive values redacted (for ``raw`` archives)
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+
+@dataclass
+class DeliveryReport:
+    """Per-run outcome of one ``deliver`` call; runs not named here were delivered."""
+
+    rejected: dict[str, str] = field(default_factory=dict)  # run id -> reason (permanent)
+    deferred: dict[str, str] = field(default_factory=dict)  # run id -> reason (transient)
+    retry_after: float | None = None  # server's hint for the deferred runs
+
+
+def _no_wait(cost: int = 1) -> None:
+    return None
+
+
+def _no_slow_down(seconds: float) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class DeliveryContext:
+    """What the core tells a backend about the current attempt."""
+
+    service: str
+    batch_id: str
+    attempt: int  # 1-based
+    max_attempts: int
+    acquire: Callable[[int], None] = _no_wait  # blocks until the shared rate limit allows
+    slow_down: Callable[[float], None] = _no_slow_down  # all workers pause (vendor 429)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A delivery target. See the module docstring for the full contract."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def from_settings(cls, service: str, settings: Settings) -> Backend: ...
+
+    def deliver(self, runs: Sequence[Run], ctx: DeliveryContext) -> DeliveryReport: ...
+
+    def close(self) -> None: ...
+
+
+class RecordingBackend:
+    """Test double: records what it was given; can be told to fail.
+
+    ``fail_transient`` / ``fail_permanent``: number of calls that raise before succeeding.
+    ``reject``: run ids refused for good. ``defer_once``: run ids that fail transiently once.
+    """
+
+    name: ClassVar[str] = "recording"
+
+    def __init__(self) -> None:
+        self.calls: list[list[Run]] = []
+        self.fail_transient = 0
+        self.fail_permanent = 0
+        self.retry_after: float | None = None
+        self.reject: set[str] = set()
+        self.defer_once: set[str] = set()
+        self.closed = False
+
+    @classmethod
+    def from_settings(cls, service: str, settings: Settings) -> RecordingBackend:
+        return cls()
+
+    @property
+    def delivered(self) -> list[Run]:
+        return [run for call in self.calls for run in call]
+
+    def deliver(self, runs: Sequence[Run], ctx: DeliveryContext) -> DeliveryReport:
+        if self.fail_permanent > 0:
+            self.fail_permanent -= 1
+            raise PermanentDeliveryError("recording backend: permanent failure")
+        if self.fail_transient > 0:
+            self.fail_transient -= 1
+            raise TransientDeliveryError(
+                "recording backend: transient failure", retry_after=self.retry_after
+            )
+        report = DeliveryReport()
+        accepted: list[Run] = []
+        for run in runs:
+            if run.id in self.reject:
+                report.rejected[run.id] = "recording backend: rejected"
+            elif run.id in self.defer_once:
+                self.defer_once.discard(run.id)
+                report.deferred[run.id] = "recording backend: deferred"
+            else:
+                accepted.append(run)
+        self.calls.append(accepted)
+        return report
+
+    def close(self) -> None:
+        self.closed = True

