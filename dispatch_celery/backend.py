@@ -44,17 +44,37 @@ from dispatch_celery.records import RunRecord
 from dispatch_celery.settings import Settings
 
 
-@dataclass(frozen=True, slots=True)
-class Run:
-    """One event ready for delivery: its record (redacted, capped) and its raw entry."""
+def _identity(data: bytes) -> bytes:
+    return data
 
-    record: RunRecord
-    event: Event
-    raw: bytes  # the original entry data with sensitive values redacted (for ``raw`` archives)
+
+class Run:
+    """One event ready for delivery: its record (redacted, capped) and its raw entry.
+
+    ``raw`` is the original entry ``data`` with sensitive values redacted; it is computed
+    on first use only, since most backends never need it.
+    """
+
+    __slots__ = ("_raw", "_redact_raw", "event", "record")
+
+    def __init__(
+        self, record: RunRecord, event: Event,
+        redact_raw: Callable[[bytes], bytes] = _identity,
+    ) -> None:
+        self.record = record
+        self.event = event
+        self._redact_raw = redact_raw
+        self._raw: bytes | None = None
 
     @property
     def id(self) -> str:
         return self.record["id"]
+
+    @property
+    def raw(self) -> bytes:
+        if self._raw is None:
+            self._raw = self._redact_raw(self.event.raw)
+        return self._raw
 
 
 @dataclass

@@ -106,3 +106,13 @@ def ratelimit_key(service: str) -> str:
 def ratelimit_pause_key(service: str) -> str:
     """Set by a worker that got a 429: every worker of the service pauses until it expires."""
     return f"{PREFIX}:ratelimit-pause:{service}"
+
+
+def batch_attempts_key(service: str, batch_id: str) -> str:
+    """Counter of delivery attempts of a batch, across retries *and* worker crashes."""
+    return f"{PREFIX}:batch-attempts:{service}:{batch_id}"
+
+
+def trim_cursor_key(service: str) -> str:
+    """HASH group -> "<last-delivered id>|<count>": trimmed entries already counted."""
+    return f"{PREFIX}:trim-cursor:{service}"

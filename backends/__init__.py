@@ -1,0 +1,1 @@
+"""Built-in backends of dispatch-celery, each registered by entry point."""

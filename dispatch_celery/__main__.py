@@ -1,0 +1,3 @@
+from dispatch_celery.cli import main
+
+main()

@@ -1,0 +1,76 @@
+"""create_app(settings): the Celery app, configured for at-least-once delivery.
+
+Why each setting (DESIGN.md invariant 1 and the field notes):
+
+* ``task_acks_late`` + ``task_reject_on_worker_lost``: a task message is acknowledged only
+  when its batch is delivered or dead-lettered; a killed pool child's task is requeued at
+  once.
+* ``worker_prefetch_multiplier=1``: a worker holds at most one unstarted task per process,
+  so a worker that dies outright strands little, and queues balance across workers.
+* ``visibility_timeout``: Redis redelivers a task whose worker died (host gone) after this.
+  Retry delays (``retry_max_delay``) plus one attempt (``task_time_limit``) must stay below
+  it, or a waiting retry would be redelivered and run twice; ``Settings.validate`` enforces
+  that.
+* ``task_soft_time_limit`` below ``task_time_limit``: an attempt that overruns raises inside
+  the task, which then retries; a hard kill is re-published by ``on_failure``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from dispatch_celery.settings import Settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    if settings.broker_url.startswith(("amqp", "pyamqp")):
+        transport_options = {"confirm_publish": True}
+    soft = max(1, settings.task_time_limit - max(5, settings.task_time_limit // 10))
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.task_time_limit,
+        "task_soft_time_limit": soft,
+        "task_create_missing_queues": True,
+        "task_default_queue": "dispatch",
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "enable_utc": True,
+    }
+
+
+def create_app(settings: Settings) -> Celery:
+    from dispatch_celery import tasks  # the task module needs the app; import lazily
+
+    app = Celery("dispatch_celery", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    tasks.register(app, settings)
+    _connect_logging(settings)
+    return app
+
+
+def _connect_logging(settings: Settings) -> None:
+    from celery.signals import setup_logging
+
+    from dispatch_celery.logs import configure_logging
+
+    def setup(loglevel: Any = None, **_: Any) -> None:
+        # Connecting this signal stops Celery from installing its own handlers: the worker
+        # logs in our format (text or JSON) like every other dispatch process.
+        configure_logging(settings.log_level, settings.log_format)
+
+    setup_logging.connect(setup, weak=False)

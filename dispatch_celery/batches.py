@@ -1,0 +1,225 @@
+"""Batches travel by reference: one compact blob in Redis, a tiny task on the broker.
+
+A blob holds the stream key and group its entries came from (so the worker can XACK them
+if the bridge could not) and, per entry, its id and raw ``data`` bytes, untouched. Entries
+without a ``data`` field keep their other fields, so the worker can dead-letter them with
+their raw bytes.
+
+Life of a batch (every transition is one atomic Redis call):
+
+1. ``stage``: SET blob, HSET staged (owner, time), HSET inflight (bytes), INCRBY bytes.
+2. the bridge publishes the task; the broker accepts it.
+3. ``confirm``: HDEL staged, XACK the entries.
+4. the worker delivers or dead-letters, then ``finish``: DEL blob and its progress keys,
+   HDEL staged and inflight (DECRBY bytes only if it was there), XACK the entries.
+
+A bridge that dies between 1 and 3 leaves a staged batch; the next bridge of the service
+re-publishes it (``recover``). A duplicate task finds no blob and does nothing.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import orjson
+import redis
+
+from dispatch_celery import constants as c
+
+_MAGIC = b"DCB1"
+_HEAD = struct.Struct(">HH")  # len(stream), len(group)
+_ENTRY = struct.Struct(">Hi")  # len(entry id), len(data) or -1 when the entry has no data
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    entry_id: str
+    data: bytes | None  # the ``data`` field, None when absent
+    other: bytes = b""  # JSON of the other fields when ``data`` is absent (for dead letters)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    stream: str  # the stream key the entries came from (ids are derived from it)
+    group: str  # "" for batches that must not XACK (dead-letter replay)
+    entries: list[Entry]
+
+
+def batch_id_for(entries: Sequence[Entry]) -> str:
+    """Stable id from the first and last entry ids (service is part of the key)."""
+    return f"{entries[0].entry_id}_{entries[-1].entry_id}"
+
+
+def encode(stream: str, group: str, entries: Sequence[Entry]) -> bytes:
+    s, g = stream.encode(), group.encode()
+    parts: list[bytes] = [_MAGIC, _HEAD.pack(len(s), len(g)), s, g]
+    append = parts.append
+    pack = _ENTRY.pack
+    for e in entries:
+        eid = e.entry_id.encode()
+        if e.data is None:
+            append(pack(len(eid), -1))
+            append(eid)
+            append(struct.pack(">i", len(e.other)))
+            append(e.other)
+        else:
+            append(pack(len(eid), len(e.data)))
+            append(eid)
+            append(e.data)
+    return b"".join(parts)
+
+
+def decode(blob: bytes) -> Batch:
+    if blob[:4] != _MAGIC:
+        raise ValueError("not a dispatch-celery batch blob")
+    view = memoryview(blob)
+    ls, lg = _HEAD.unpack_from(blob, 4)
+    pos = 4 + _HEAD.size
+    stream = bytes(view[pos : pos + ls]).decode()
+    pos += ls
+    group = bytes(view[pos : pos + lg]).decode()
+    pos += lg
+    entries: list[Entry] = []
+    unpack = _ENTRY.unpack_from
+    size = _ENTRY.size
+    end = len(blob)
+    while pos < end:
+        lid, ldata = unpack(blob, pos)
+        pos += size
+        eid = bytes(view[pos : pos + lid]).decode()
+        pos += lid
+        if ldata < 0:
+            (lother,) = struct.unpack_from(">i", blob, pos)
+            pos += 4
+            entries.append(Entry(eid, None, bytes(view[pos : pos + lother])))
+            pos += lother
+        else:
+            entries.append(Entry(eid, bytes(view[pos : pos + ldata])))
+            pos += ldata
+    return Batch(stream, group, entries)
+
+
+def entry_from_fields(entry_id: bytes | str, fields: dict[bytes, bytes] | None) -> Entry:
+    eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    fields = fields or {}
+    data = fields.get(c.DATA_FIELD)
+    if data is not None:
+        return Entry(eid, data)
+    other = {
+        k.decode("utf-8", "backslashreplace"): v.decode("utf-8", "backslashreplace")
+        for k, v in fields.items()
+    }
+    return Entry(eid, None, orjson.dumps(other))
+
+
+def raw_size(entries: Sequence[Entry]) -> int:
+    return sum(len(e.data) if e.data is not None else len(e.other) for e in entries)
+
+
+# KEYS: blob, staged, inflight, inflight-bytes, done-set, attempts, stream
+# ARGV: batch id, group, entry ids...
+_FINISH = """
+redis.call('DEL', KEYS[1], KEYS[5], KEYS[6])
+redis.call('HDEL', KEYS[2], ARGV[1])
+local size = redis.call('HGET', KEYS[3], ARGV[1])
+if size then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  local left = redis.call('DECRBY', KEYS[4], tonumber(size))
+  if left < 0 then redis.call('SET', KEYS[4], 0) end
+end
+if KEYS[7] ~= '' and ARGV[2] ~= '' and #ARGV > 2 then
+  local ok, err = pcall(redis.call, 'XACK', KEYS[7], ARGV[2], unpack(ARGV, 3))
+end
+return size and 1 or 0
+"""
+
+
+class BatchStore:
+    """The Redis side of a service's batches (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis, service: str) -> None:
+        self.r = client
+        self.service = service
+        self.staged = c.staged_key(service)
+        self.inflight = c.inflight_key(service)
+        self.inflight_bytes = c.inflight_bytes_key(service)
+        self._finish = client.register_script(_FINISH)
+
+    def key(self, batch_id: str) -> str:
+        return c.batch_key(self.service, batch_id)
+
+    def stage_many(self, items: Sequence[tuple[str, bytes, int]], owner: str) -> None:
+        """Store blobs and mark them staged and in flight, atomically: (id, blob, raw bytes)."""
+        now = f"{owner}|{time.time():.3f}"
+        pipe = self.r.pipeline(transaction=True)
+        total = 0
+        for batch_id, blob, size in items:
+            pipe.set(self.key(batch_id), blob)
+            pipe.hset(self.staged, batch_id, now)
+            pipe.hset(self.inflight, batch_id, size)
+            total += size
+        pipe.incrby(self.inflight_bytes, total)
+        pipe.execute()
+
+    def confirm(self, batch_ids: Sequence[str], stream: str, group: str, ids: Sequence[str]) -> None:
+        """The broker accepted the tasks: unstage and XACK, atomically."""
+        pipe = self.r.pipeline(transaction=True)
+        if batch_ids:
+            pipe.hdel(self.staged, *batch_ids)
+        if ids and stream and group:
+            pipe.xack(stream, group, *ids)
+        pipe.execute()
+
+    def load(self, batch_id: str) -> Batch | None:
+        blob = cast(bytes | None, self.r.get(self.key(batch_id)))
+        return decode(blob) if blob is not None else None
+
+    def finish(self, batch_id: str, batch: Batch) -> None:
+        keys = [
+            self.key(batch_id), self.staged, self.inflight, self.inflight_bytes,
+            c.batch_done_key(self.service, batch_id),
+            c.batch_attempts_key(self.service, batch_id), batch.stream,
+        ]
+        args: list[Any] = [batch_id, batch.group, *(e.entry_id for e in batch.entries)]
+        self._finish(keys=keys, args=args)
+
+    def mark_done(self, batch_id: str, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            self.r.sadd(c.batch_done_key(self.service, batch_id), *entry_ids)
+
+    def done(self, batch_id: str) -> set[str]:
+        members = cast(set[bytes], self.r.smembers(c.batch_done_key(self.service, batch_id)))
+        return {m.decode() for m in members}
+
+    def next_attempt(self, batch_id: str) -> int:
+        """Count one more attempt; survives worker crashes (a poison batch cannot loop)."""
+        key = c.batch_attempts_key(self.service, batch_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.expire(key, 7 * 24 * 3600)
+        attempt, _ = pipe.execute()
+        return int(attempt)
+
+    def in_flight(self) -> tuple[int, int]:
+        """(batches, raw bytes) staged or enqueued and not yet finished."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hlen(self.inflight)
+        pipe.get(self.inflight_bytes)
+        count, size = pipe.execute()
+        return int(count), int(size or 0)
+
+    def staged_batches(self) -> dict[str, tuple[str, float]]:
+        """batch id -> (owner consumer, staging time)."""
+        raw = cast(dict[bytes, bytes], self.r.hgetall(self.staged))
+        out: dict[str, tuple[str, float]] = {}
+        for k, v in raw.items():
+            owner, _, ts = v.decode().rpartition("|")
+            try:
+                out[k.decode()] = (owner, float(ts))
+            except ValueError:
+                out[k.decode()] = (owner, 0.0)
+        return out
