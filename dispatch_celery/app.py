@@ -7,7 +7,8 @@ Why each setting (DESIGN.md invariant 1 and the field notes):
   once.
 * ``worker_prefetch_multiplier=1``: a worker holds at most one unstarted task per process,
   so a worker that dies outright strands little, and queues balance across workers.
-* ``visibility_timeout``: Redis redelivers a task whose worker died (host gone) after this.
+* ``visibility_timeout``: Redis redelivers a task whose worker died (host gone) after this
+  (plus at most a tenth of it: the restore sweep runs every ``visibility_timeout / 10``).
   Retry delays (``retry_max_delay``) plus one attempt (``task_time_limit``) must stay below
   it, or a waiting retry would be redelivered and run twice; ``Settings.validate`` enforces
   that.
@@ -25,7 +26,16 @@ from dispatch_celery.settings import Settings
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    vt = settings.visibility_timeout
+    transport_options: dict[str, Any] = {
+        "visibility_timeout": vt,
+        # kombu sweeps for abandoned tasks every interval * throttle seconds (100 s by
+        # default); sweep every tenth of the visibility timeout instead, so a task of a
+        # worker that died outright is redelivered within ~1.1x the visibility timeout.
+        "unacked_restore_interval": max(1, vt // 10),
+        "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": min(300, vt),
+    }
     if settings.broker_url.startswith(("amqp", "pyamqp")):
         transport_options = {"confirm_publish": True}
     soft = max(1, settings.task_time_limit - max(5, settings.task_time_limit // 10))
