@@ -85,6 +85,10 @@ class Bridge:
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 log.warning("bridge %s: %s; retrying in 1 s", self.service, exc)
                 stop.wait(1.0)
+            except redis.ResponseError as exc:  # the stream or group was deleted under us
+                log.error("bridge %s: %s; re-creating the group in 1 s", self.service, exc)
+                stop.wait(1.0)
+                self.admin.ensure_group()
         self.flush(force=True)
         self.r.delete(c.heartbeat_key(self.service, self.consumer))
         log.info("bridge %s stopped", self.service)
@@ -253,7 +257,8 @@ class Bridge:
         batches, size = self.store.in_flight()
         if size >= self.settings.high_water_bytes:
             return 0
-        return self.settings.high_water_batches - batches - len(self.buffer) // self.settings.batch_size
+        buffered = len(self.buffer) // self.settings.batch_size
+        return self.settings.high_water_batches - batches - buffered
 
     def housekeeping(self) -> None:
         self.heartbeat()
