@@ -204,6 +204,10 @@ class BatchStore:
         attempt, _ = pipe.execute()
         return int(attempt)
 
+    def reset_attempts(self, batch_id: str) -> None:
+        """An attempt made progress: count the next ones afresh."""
+        self.r.delete(c.batch_attempts_key(self.service, batch_id))
+
     def in_flight(self) -> tuple[int, int]:
         """(batches, raw bytes) staged or enqueued and not yet finished."""
         pipe = self.r.pipeline(transaction=False)

@@ -1,7 +1,9 @@
 """One delivery attempt of one batch: load, decode, filter, redact, deliver, account.
 
 Every entry of a batch ends in exactly one of: delivered, filtered (or sampled out),
-dead-lettered, or pending (a transient failure; the task retries only those). Entries
+dead-lettered, or pending (a transient failure; the task retries only those). A batch is
+given up (its pending runs dead-lettered) after ``max_attempts`` attempts in a row that
+settled nothing; an attempt that made progress resets the count. Entries
 already settled by an earlier attempt are remembered in Redis (``batch-done``), so a
 retry re-sends only what is left and a crashed attempt resumes where it stopped.
 """
@@ -190,6 +192,8 @@ class Deliverer:
             for run_id in [r.id for r in delivered] + list(report.rejected):
                 settled += [e.entry_id for e in by_run[run_id]]
             rt.store.mark_done(batch_id, settled)
+            if settled:  # progress (e.g. a slow rate limit): attempts count without progress
+                rt.store.reset_attempts(batch_id)
         else:
             rt.store.finish(batch_id, batch)
         return result
