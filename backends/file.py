@@ -66,15 +66,19 @@ class FileBackend:
             )
         if not os.access(parent, os.W_OK):
             raise ConfigError(
-                f"{settings.option_name(service, 'PATH')}: directory {str(parent)!r} is not writable"
+                f"{settings.option_name(service, 'PATH')}: directory {str(parent)!r} "
+                "is not writable"
             )
         return cls(path, fmt, int(rotate_raw))
 
     def line(self, run: Run) -> bytes:
         if self.format == "raw":
-            return orjson.dumps(
-                {"stream_id": run.event.stream_id, "data": run.raw.decode("utf-8", "replace")}
-            ) + b"\n"
+            return (
+                orjson.dumps(
+                    {"stream_id": run.event.stream_id, "data": run.raw.decode("utf-8", "replace")}
+                )
+                + b"\n"
+            )
         return orjson.dumps(run.record) + b"\n"
 
     def deliver(self, runs: Sequence[Run], ctx: DeliveryContext) -> DeliveryReport:
@@ -144,7 +148,7 @@ class FileBackend:
         for line in reversed(tail.splitlines()):
             if not line.startswith(needle):
                 continue
-            offset, n = (int(x) for x in line[len(needle):].split())
+            offset, n = (int(x) for x in line[len(needle) :].split())
             if n == length and offset + n <= size:
                 chunk = os.pread(fd, n, offset)
                 if hashlib.blake2b(chunk, digest_size=16).hexdigest() == digest:
@@ -181,4 +185,6 @@ class FileBackend:
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         # offsets in the journal refer to the old file; start a new one
         if self.journal_path.exists():
-            os.replace(self.journal_path, self.journal_path.with_name(self.journal_path.name + ".1"))
+            os.replace(
+                self.journal_path, self.journal_path.with_name(self.journal_path.name + ".1")
+            )

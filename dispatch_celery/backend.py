@@ -58,7 +58,9 @@ class Run:
     __slots__ = ("_raw", "_redact_raw", "event", "record")
 
     def __init__(
-        self, record: RunRecord, event: Event,
+        self,
+        record: RunRecord,
+        event: Event,
         redact_raw: Callable[[bytes], bytes] = _identity,
     ) -> None:
         self.record = record

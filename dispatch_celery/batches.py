@@ -165,7 +165,9 @@ class BatchStore:
         pipe.incrby(self.inflight_bytes, total)
         pipe.execute()
 
-    def confirm(self, batch_ids: Sequence[str], stream: str, group: str, ids: Sequence[str]) -> None:
+    def confirm(
+        self, batch_ids: Sequence[str], stream: str, group: str, ids: Sequence[str]
+    ) -> None:
         """The broker accepted the tasks: unstage and XACK, atomically."""
         pipe = self.r.pipeline(transaction=True)
         if batch_ids:
@@ -180,9 +182,13 @@ class BatchStore:
 
     def finish(self, batch_id: str, batch: Batch) -> None:
         keys = [
-            self.key(batch_id), self.staged, self.inflight, self.inflight_bytes,
+            self.key(batch_id),
+            self.staged,
+            self.inflight,
+            self.inflight_bytes,
             c.batch_done_key(self.service, batch_id),
-            c.batch_attempts_key(self.service, batch_id), batch.stream,
+            c.batch_attempts_key(self.service, batch_id),
+            batch.stream,
         ]
         args: list[Any] = [batch_id, batch.group, *(e.entry_id for e in batch.entries)]
         self._finish(keys=keys, args=args)

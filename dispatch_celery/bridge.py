@@ -29,7 +29,15 @@ import redis
 
 from dispatch_celery import constants as c
 from dispatch_celery import stats
-from dispatch_celery.batches import BatchStore, Entry, batch_id_for, decode, encode, entry_from_fields, raw_size
+from dispatch_celery.batches import (
+    BatchStore,
+    Entry,
+    batch_id_for,
+    decode,
+    encode,
+    entry_from_fields,
+    raw_size,
+)
 from dispatch_celery.enqueue import Enqueuer
 from dispatch_celery.settings import Settings
 from dispatch_celery.stats import Counter
@@ -50,8 +58,13 @@ def default_consumer() -> str:
 
 class Bridge:
     def __init__(
-        self, settings: Settings, service: str, enqueuer: Enqueuer, *,
-        group: str | None = None, consumer: str | None = None,
+        self,
+        settings: Settings,
+        service: str,
+        enqueuer: Enqueuer,
+        *,
+        group: str | None = None,
+        consumer: str | None = None,
         client: redis.Redis | None = None,
     ) -> None:
         self.settings = settings
@@ -73,8 +86,13 @@ class Bridge:
 
     def run(self, stop: threading.Event) -> None:
         log.info(
-            "bridge %s/%s reading %s as %s (batch %d, flush %.2fs)", self.service, self.group,
-            self.stream, self.consumer, self.settings.batch_size, self.settings.flush_interval,
+            "bridge %s/%s reading %s as %s (batch %d, flush %.2fs)",
+            self.service,
+            self.group,
+            self.stream,
+            self.consumer,
+            self.settings.batch_size,
+            self.settings.flush_interval,
         )
         self.admin.ensure_group()
         self.recover_staged(own=True)
@@ -117,7 +135,9 @@ class Bridge:
         reply = cast(
             list[tuple[bytes, _Reply]] | None,
             self.r.xreadgroup(
-                self.group, self.consumer, {self.stream: ">"},
+                self.group,
+                self.consumer,
+                {self.stream: ">"},
                 count=min(self.settings.read_count, headroom * self.settings.batch_size),
                 block=block_ms,
             ),
@@ -145,7 +165,9 @@ class Bridge:
 
     def lost_while_pending(self, ids: Sequence[str]) -> None:
         log.warning(
-            "%d pending entries of %s were trimmed before they were batched", len(ids), self.stream,
+            "%d pending entries of %s were trimmed before they were batched",
+            len(ids),
+            self.stream,
         )
         stats.add(self.r, self.service, {Counter.TRIMMED_UNREAD: len(ids)})
         self.r.xack(self.stream, self.group, *ids)
@@ -178,12 +200,13 @@ class Bridge:
         claimed = 0
         idle_ms = int(self.settings.claim_idle * 1000)
         for _ in range(100):  # bounded: at most 100 pages per housekeeping round
-            reply = cast(
-                list[Any],
-                self.r.xautoclaim(
-                    self.stream, self.group, self.consumer, idle_ms, start_id=start,
-                    count=self.settings.read_count,
-                ),
+            reply: list[Any] = self.r.xautoclaim(
+                self.stream,
+                self.group,
+                self.consumer,
+                idle_ms,
+                start_id=start,
+                count=self.settings.read_count,
             )
             start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
             entries = cast(_Reply, reply[1])
@@ -243,8 +266,9 @@ class Bridge:
                 continue
             batch = decode(blob)
             self.enqueuer.publish(batch_id, len(batch.entries))
-            self.store.confirm([batch_id], batch.stream, batch.group,
-                               [e.entry_id for e in batch.entries])
+            self.store.confirm(
+                [batch_id], batch.stream, batch.group, [e.entry_id for e in batch.entries]
+            )
             n += 1
         if n:
             log.warning("bridge %s: re-published %d staged batches", self.service, n)
@@ -269,9 +293,16 @@ class Bridge:
 
     def heartbeat(self) -> None:
         beat = {
-            "service": self.service, "consumer": self.consumer, "group": self.group,
-            "stream": self.stream, "pid": os.getpid(), "host": socket.gethostname(),
-            "ts": time.time(), "paused": self.paused, "read_total": self.read_total,
+            "service": self.service,
+            "consumer": self.consumer,
+            "group": self.group,
+            "stream": self.stream,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "ts": time.time(),
+            "paused": self.paused,
+            "read_total": self.read_total,
         }
-        self.r.set(c.heartbeat_key(self.service, self.consumer), orjson.dumps(beat),
-                   ex=c.HEARTBEAT_TTL_S)
+        self.r.set(
+            c.heartbeat_key(self.service, self.consumer), orjson.dumps(beat), ex=c.HEARTBEAT_TTL_S
+        )

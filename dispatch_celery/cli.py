@@ -56,8 +56,6 @@ def _service(service: str, settings: Settings) -> str:
     return service
 
 
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dispatch-celery")
 def main() -> None:
@@ -75,14 +73,21 @@ def main() -> None:
 @click.option("--pidfile", type=click.Path(path_type=Path), help="[.dispatch/bridge-<service>.pid]")
 @click.option("--logfile", type=click.Path(path_type=Path), help="[.dispatch/bridge-<service>.log]")
 def bridge(
-    service: str, stream: str | None, group: str | None, consumer: str | None,
-    batch_size: int | None, flush_interval: float | None, detach: bool,
-    pidfile: Path | None, logfile: Path | None,
+    service: str,
+    stream: str | None,
+    group: str | None,
+    consumer: str | None,
+    batch_size: int | None,
+    flush_interval: float | None,
+    detach: bool,
+    pidfile: Path | None,
+    logfile: Path | None,
 ) -> None:
     """Read the stream with a consumer group and enqueue delivery tasks."""
     from dispatch_celery.app import create_app
     from dispatch_celery.bridge import Bridge
-    from dispatch_celery.daemonize import check_pidfile, detach as enter_daemon
+    from dispatch_celery.daemonize import check_pidfile
+    from dispatch_celery.daemonize import detach as enter_daemon
     from dispatch_celery.enqueue import Enqueuer
     from dispatch_celery.logs import configure_logging
 
@@ -170,13 +175,33 @@ def status(services: tuple[str, ...], as_json: bool) -> None:
         click.echo(orjson.dumps([r.as_json() for r in rows], option=orjson.OPT_INDENT_2).decode())
         return
     click.echo(f"stream {settings.stream} on {redact_url(settings.redis_url)}")
-    header = ("service", "length", "lag", "pending", "in-flight", "queue", "dead", "trimmed",
-              "delivered", "filtered", "bridges")
+    header = (
+        "service",
+        "length",
+        "lag",
+        "pending",
+        "in-flight",
+        "queue",
+        "dead",
+        "trimmed",
+        "delivered",
+        "filtered",
+        "bridges",
+    )
     click.echo("".join(f"{h:>10}" if i else f"{h:<12}" for i, h in enumerate(header)))
     for r in rows:
-        vals = (r.stream_length, "-" if r.lag is None else r.lag, r.pending, r.batches_in_flight,
-                "-" if r.queue_depth is None else r.queue_depth, r.dead_letters, r.trimmed_unread,
-                r.counters["delivered"], r.counters["filtered"], len(r.bridges))
+        vals = (
+            r.stream_length,
+            "-" if r.lag is None else r.lag,
+            r.pending,
+            r.batches_in_flight,
+            "-" if r.queue_depth is None else r.queue_depth,
+            r.dead_letters,
+            r.trimmed_unread,
+            r.counters["delivered"],
+            r.counters["filtered"],
+            len(r.bridges),
+        )
         click.echo(f"{r.service:<12}" + "".join(f"{v!s:>10}" for v in vals))
 
 
@@ -195,7 +220,9 @@ def dlq_list(service: str, limit: int, as_json: bool) -> None:
     client = _client(_settings())
     letters = list(DeadLetters(client, validate_service(service)).iter(limit))
     if as_json:
-        click.echo(orjson.dumps([d.as_json() for d in letters], option=orjson.OPT_INDENT_2).decode())
+        click.echo(
+            orjson.dumps([d.as_json() for d in letters], option=orjson.OPT_INDENT_2).decode()
+        )
         return
     for d in letters:
         click.echo(f"{d.dlq_id}  {d.stream_id:<18}  {d.reason}")
@@ -251,8 +278,12 @@ def dlq_purge(service: str, yes: bool, ids: tuple[str, ...]) -> None:
 
 @main.command()
 @click.option("--sample", type=click.IntRange(min=1), help="Publish N realistic sample events.")
-@click.option("--from", "source", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Replay a raw JSONL archive (DISPATCH_FILE_FORMAT=raw) into the stream.")
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Replay a raw JSONL archive (DISPATCH_FILE_FORMAT=raw) into the stream.",
+)
 @click.option("--maxlen", type=click.IntRange(min=1), help="Trim like llm-proxy (MAXLEN ~N).")
 def publish(sample: int | None, source: Path | None, maxlen: int | None) -> None:
     """Write events into the stream, like llm-proxy does."""
@@ -272,8 +303,10 @@ def publish(sample: int | None, source: Path | None, maxlen: int | None) -> None
             kept, fresh = publish_archive(client, settings.stream, source)
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
-        click.echo(f"published {kept + fresh} events to {settings.stream} "
-                   f"({kept} with their original ids, {fresh} with new ids)")
+        click.echo(
+            f"published {kept + fresh} events to {settings.stream} "
+            f"({kept} with their original ids, {fresh} with new ids)"
+        )
 
 
 @main.command()
@@ -288,8 +321,14 @@ def up(service: str, sample: int, no_flower: bool) -> None:
     settings = _settings()
     _service(service, settings)
     try:
-        code = run_up(settings, service, sample, flower=not no_flower, echo=click.echo,
-                      environ=dict(os.environ))
+        code = run_up(
+            settings,
+            service,
+            sample,
+            flower=not no_flower,
+            echo=click.echo,
+            environ=dict(os.environ),
+        )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)

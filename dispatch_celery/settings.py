@@ -182,7 +182,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = dict(os.environ if environ is None else environ)
     redis_url = _default_redis_url(env)
     broker_raw = env.get("DISPATCH_BROKER_URL", "").strip()
-    broker_url = _url("DISPATCH_BROKER_URL", broker_raw, _BROKER_SCHEMES) if broker_raw else redis_url
+    broker_url = (
+        _url("DISPATCH_BROKER_URL", broker_raw, _BROKER_SCHEMES) if broker_raw else redis_url
+    )
     stream = (env.get("DISPATCH_STREAM") or env.get("REDIS_STREAM_KEY") or c.DEFAULT_STREAM).strip()
     visibility = _positive_int(env, "DISPATCH_VISIBILITY_TIMEOUT", c.DEFAULT_VISIBILITY_TIMEOUT_S)
     settings = Settings(
@@ -206,19 +208,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         high_water_batches=_positive_int(
             env, "DISPATCH_HIGH_WATER_BATCHES", c.DEFAULT_HIGH_WATER_BATCHES
         ),
-        high_water_bytes=_positive_int(env, "DISPATCH_HIGH_WATER_BYTES", c.DEFAULT_HIGH_WATER_BYTES),
+        high_water_bytes=_positive_int(
+            env, "DISPATCH_HIGH_WATER_BYTES", c.DEFAULT_HIGH_WATER_BYTES
+        ),
         claim_idle=_positive_float(env, "DISPATCH_CLAIM_IDLE", c.DEFAULT_CLAIM_IDLE_S),
         staged_recovery=_positive_float(
             env, "DISPATCH_STAGED_RECOVERY", c.DEFAULT_STAGED_RECOVERY_S
         ),
         max_body_bytes=_positive_int(env, "DISPATCH_MAX_BODY_BYTES", c.DEFAULT_MAX_BODY_BYTES),
-        log_level=_choice(
-            env, "DISPATCH_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
-        ),
+        log_level=_choice(env, "DISPATCH_LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         log_format=_choice(env, "DISPATCH_LOG_FORMAT", "text", ("text", "json")),
         metrics_port=_positive_int(env, "DISPATCH_METRICS_PORT", c.DEFAULT_METRICS_PORT),
         sentry_dsn=(env.get("SENTRY_DSN") or "").strip() or None,
-        env={k: v for k, v in env.items() if k.startswith(("DISPATCH_", "FLOWER_")) or k in _FOREIGN},
+        env={
+            k: v for k, v in env.items() if k.startswith(("DISPATCH_", "FLOWER_")) or k in _FOREIGN
+        },
     )
     if not settings.stream:
         raise ConfigError("DISPATCH_STREAM must not be empty")

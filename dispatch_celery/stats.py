@@ -14,7 +14,19 @@ from dispatch_celery import constants as c
 
 # Upper bounds (seconds) of the delivery-latency histogram: event end -> delivered.
 LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
 )
 
 
@@ -31,7 +43,9 @@ class Counter(StrEnum):
 
 
 def add(
-    client: redis.Redis, service: str, counts: Mapping[Counter, int],
+    client: redis.Redis,
+    service: str,
+    counts: Mapping[Counter, int],
     latencies: Iterable[float] = (),
 ) -> None:
     """Add to the counters (and the latency histogram) in one round trip."""

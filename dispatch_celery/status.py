@@ -37,7 +37,7 @@ class ServiceStatus:
 
 def _group_info(client: redis.Redis, stream: str, group: str) -> dict[str, Any] | None:
     try:
-        groups = cast(list[dict[str, Any]], client.xinfo_groups(stream))
+        groups = client.xinfo_groups(stream)
     except redis.ResponseError:
         return None
     for g in groups:
@@ -52,7 +52,8 @@ def queue_depth(app: Celery | None, service: str) -> int | None:
         return None
     try:
         with app.connection_for_read() as conn:
-            ok = conn.default_channel.queue_declare(c.queue_name(service), passive=True)
+            channel: Any = conn.default_channel
+            ok = channel.queue_declare(c.queue_name(service), passive=True)
             return int(ok.message_count)
     except Exception:
         return None  # queue not declared yet, or broker unreachable: shown as unknown
@@ -70,7 +71,11 @@ def bridges(client: redis.Redis, service: str) -> list[dict[str, Any]]:
 
 
 def service_status(
-    client: redis.Redis, stream: str, service: str, *, group: str | None = None,
+    client: redis.Redis,
+    stream: str,
+    service: str,
+    *,
+    group: str | None = None,
     app: Celery | None = None,
 ) -> ServiceStatus:
     group = group or c.default_group(service)
@@ -85,14 +90,22 @@ def service_status(
         if lag is None and "lag" not in info:  # Redis < 7: count what follows the cursor
             last = info.get("last-delivered-id", b"0-0")
             last_s = last.decode() if isinstance(last, bytes) else str(last)
-            lag = len(client.xrange(stream, min=f"({last_s}", max="+", count=100000))
+            lag = len(client.xrange(stream, min=f"({last_s}", max="+", count=100000) or [])
     batches, size = BatchStore(client, service).in_flight()
     counters = stats.read(client, service)
     return ServiceStatus(
-        service=service, group=group, stream_length=length, group_exists=info is not None,
-        lag=lag, pending=pending, batches_in_flight=batches, bytes_in_flight=size,
-        queue_depth=queue_depth(app, service), dead_letters=int(client.xlen(c.deadletter_key(service))),
-        trimmed_unread=counters.get("trimmed_unread", 0), bridges=bridges(client, service),
+        service=service,
+        group=group,
+        stream_length=length,
+        group_exists=info is not None,
+        lag=lag,
+        pending=pending,
+        batches_in_flight=batches,
+        bytes_in_flight=size,
+        queue_depth=queue_depth(app, service),
+        dead_letters=int(client.xlen(c.deadletter_key(service))),
+        trimmed_unread=counters.get("trimmed_unread", 0),
+        bridges=bridges(client, service),
         counters=counters,
     )
 
@@ -101,7 +114,7 @@ def known_services(client: redis.Redis, stream: str, installed: list[str]) -> li
     """Installed backends, plus any service with state in Redis (a group or counters)."""
     found = set()
     try:
-        for g in cast(list[dict[str, Any]], client.xinfo_groups(stream)):
+        for g in client.xinfo_groups(stream):
             name = g.get("name")
             name = name.decode() if isinstance(name, bytes) else str(name)
             if name.startswith("dispatch-"):

@@ -102,19 +102,27 @@ class StreamAdmin:
         """Count entries trimmed before our group read them; returns the new count."""
         code, detail = cast(
             list[int | bytes],
-            self._trimmed(keys=[self.stream, c.stats_key(self.service), c.trim_cursor_key(self.service)], args=[self.group]),
+            self._trimmed(
+                keys=[self.stream, c.stats_key(self.service), c.trim_cursor_key(self.service)],
+                args=[self.group],
+            ),
         )
         n = int(code)
         where = detail.decode() if isinstance(detail, bytes) else str(detail)
         if n > 0:
             log.warning(
                 "%d entries of %s were trimmed by the producer before group %s read them "
-                "(the group fell more than the stream's MAXLEN behind)", n, self.stream, self.group,
+                "(the group fell more than the stream's MAXLEN behind)",
+                n,
+                self.stream,
+                self.group,
             )
         elif n == -1 and where != self._warned_unknown:
             self._warned_unknown = where
             log.warning(
                 "entries of %s were trimmed before group %s read them; this Redis cannot "
-                "count them (needs Redis >= 7)", self.stream, self.group,
+                "count them (needs Redis >= 7)",
+                self.stream,
+                self.group,
             )
         return max(n, 0)

@@ -52,17 +52,27 @@ def register(app: Celery, settings: Settings) -> None:
             service, batch_id = args[0], args[1]
             events = args[2] if len(args) > 2 else 0
             log.error(
-                "batch %s/%s: attempt failed (%s); re-queued", service, batch_id,
+                "batch %s/%s: attempt failed (%s); re-queued",
+                service,
+                batch_id,
                 type(exc).__name__,
             )
             app.send_task(
-                c.TASK_DELIVER, args=(service, batch_id, events), queue=c.queue_name(service),
+                c.TASK_DELIVER,
+                args=(service, batch_id, events),
+                queue=c.queue_name(service),
                 countdown=settings.retry_base_delay,
             )
 
     @app.task(
-        bind=True, base=DeliverTask, name=c.TASK_DELIVER, acks_late=True,
-        reject_on_worker_lost=True, max_retries=None, ignore_result=True, shared=False,
+        bind=True,
+        base=DeliverTask,
+        name=c.TASK_DELIVER,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        max_retries=None,
+        ignore_result=True,
+        shared=False,
     )
     def deliver(self: Task, service: str, batch_id: str, events: int = 0) -> str:  # type: ignore[type-arg]
         """Deliver batch ``batch_id`` of ``service`` (``events`` is informational)."""
@@ -75,12 +85,18 @@ def register(app: Celery, settings: Settings) -> None:
             f"filtered={result.filtered} pending={len(result.pending)}"
         )
         log.info(
-            "batch %s", result.outcome,
+            "batch %s",
+            result.outcome,
             extra={
-                "service": service, "batch_id": batch_id, "events": result.events,
-                "attempt": attempt, "outcome": result.outcome,
-                "duration_ms": round(elapsed * 1000, 1), "delivered": result.delivered,
-                "dead_lettered": result.dead_lettered, "filtered": result.filtered,
+                "service": service,
+                "batch_id": batch_id,
+                "events": result.events,
+                "attempt": attempt,
+                "outcome": result.outcome,
+                "duration_ms": round(elapsed * 1000, 1),
+                "delivered": result.delivered,
+                "dead_lettered": result.dead_lettered,
+                "filtered": result.filtered,
                 "pending": len(result.pending),
             },
         )

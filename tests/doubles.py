@@ -1,4 +1,6 @@
-"""A backend test double usable across processes: ``DISPATCH_BACKEND_FLAKY=tests.doubles:FlakyBackend``.
+"""A backend test double usable across processes.
+
+Selected with ``DISPATCH_BACKEND_FLAKY=tests.doubles:FlakyBackend``.
 
 It appends what it receives to ``DISPATCH_<SERVICE>_PATH`` (one JSON line per run) and is
 steered through a Redis hash ``test:flaky:<service>``:
@@ -44,11 +46,16 @@ class FlakyBackend:
         return cls(service, Path(path), redis.Redis.from_url(settings.redis_url))
 
     def deliver(self, runs: Sequence[Run], ctx: DeliveryContext) -> DeliveryReport:
-        self.r.rpush(f"{self.ctl}:calls", orjson.dumps(
-            {"t": time.time(), "attempt": ctx.attempt, "runs": len(runs), "batch": ctx.batch_id}
-        ))
-        ctl = {k.decode(): v.decode() for k, v in
-               cast(dict[bytes, bytes], self.r.hgetall(self.ctl)).items()}
+        self.r.rpush(
+            f"{self.ctl}:calls",
+            orjson.dumps(
+                {"t": time.time(), "attempt": ctx.attempt, "runs": len(runs), "batch": ctx.batch_id}
+            ),
+        )
+        ctl = {
+            k.decode(): v.decode()
+            for k, v in cast(dict[bytes, bytes], self.r.hgetall(self.ctl)).items()
+        }
         if float(ctl.get("sleep", 0)) > 0:
             time.sleep(float(ctl["sleep"]))
         if int(self.r.hincrby(self.ctl, "permanent", -1)) >= 0:
@@ -56,8 +63,9 @@ class FlakyBackend:
         self.r.hset(self.ctl, "permanent", 0)
         if int(self.r.hincrby(self.ctl, "transient", -1)) >= 0:
             after = ctl.get("retry_after")
-            raise TransientDeliveryError("flaky: transient failure",
-                                         retry_after=float(after) if after else None)
+            raise TransientDeliveryError(
+                "flaky: transient failure", retry_after=float(after) if after else None
+            )
         self.r.hset(self.ctl, "transient", 0)
         report = DeliveryReport()
         reject = {m.decode() for m in cast(set[bytes], self.r.smembers(f"{self.ctl}:reject"))}
@@ -68,8 +76,16 @@ class FlakyBackend:
             elif self.r.srem(f"{self.ctl}:defer", run.id):
                 report.deferred[run.id] = "flaky: deferred"
             else:
-                lines.append(orjson.dumps({"id": run.id, "stream_id": run.event.stream_id,
-                                           "attempt": ctx.attempt, "batch": ctx.batch_id}))
+                lines.append(
+                    orjson.dumps(
+                        {
+                            "id": run.id,
+                            "stream_id": run.event.stream_id,
+                            "attempt": ctx.attempt,
+                            "batch": ctx.batch_id,
+                        }
+                    )
+                )
         if lines:
             with self.path.open("ab") as f:
                 fcntl.flock(f, fcntl.LOCK_EX)

@@ -10,9 +10,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -39,9 +39,12 @@ FAST = {
 
 
 def pipeline_env(redis_url: str, tmp: Path, **extra: str) -> dict[str, str]:
-    env = {"DISPATCH_REDIS_URL": redis_url, **FAST,
-           "DISPATCH_FILE_PATH": str(tmp / "events.jsonl"),
-           "DISPATCH_FLAKY_PATH": str(tmp / "flaky.jsonl")}
+    env = {
+        "DISPATCH_REDIS_URL": redis_url,
+        **FAST,
+        "DISPATCH_FILE_PATH": str(tmp / "events.jsonl"),
+        "DISPATCH_FLAKY_PATH": str(tmp / "flaky.jsonl"),
+    }
     env.update(extra)
     return env
 
@@ -64,8 +67,15 @@ def wait_for(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condi
 @contextmanager
 def worker(app: Celery, service: str, concurrency: int = 1) -> Iterator[None]:
     """A real Celery worker consuming the service's queue, in this process."""
-    with start_worker(app, pool="threads", concurrency=concurrency, queues=[service],
-                      perform_ping_check=False, loglevel="WARNING", shutdown_timeout=20):
+    with start_worker(
+        app,
+        pool="threads",
+        concurrency=concurrency,
+        queues=[service],
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=20,
+    ):
         yield
 
 
@@ -93,7 +103,9 @@ def bridge(settings: Settings, app: Celery, service: str, **kw: Any) -> Iterator
         raise errors[0]
 
 
-def xadd_all(r: redis.Redis, stream: str, datas: list[bytes], maxlen: int | None = None) -> list[str]:
+def xadd_all(
+    r: redis.Redis, stream: str, datas: list[bytes], maxlen: int | None = None
+) -> list[str]:
     pipe = r.pipeline(transaction=False)
     for d in datas:
         pipe.xadd(stream, {"data": d}, maxlen=maxlen, approximate=False)
@@ -113,31 +125,53 @@ def subprocess_env(env: dict[str, str]) -> dict[str, str]:
     return full
 
 
-def spawn_worker(env: dict[str, str], service: str, log: Path, concurrency: int = 1,
-                 name: str = "w1") -> subprocess.Popen[bytes]:
+def spawn_worker(
+    env: dict[str, str], service: str, log: Path, concurrency: int = 1, name: str = "w1"
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "dispatch_celery", "worker", "-Q", service,
-         "-c", str(concurrency), "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
-         "--without-heartbeat", "-l", "INFO"],
-        env=subprocess_env(env), cwd=REPO, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "dispatch_celery",
+            "worker",
+            "-Q",
+            service,
+            "-c",
+            str(concurrency),
+            "-n",
+            f"{name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-l",
+            "INFO",
+        ],
+        env=subprocess_env(env),
+        cwd=REPO,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
 
 
-def spawn_bridge(env: dict[str, str], service: str, log: Path,
-                 *args: str) -> subprocess.Popen[bytes]:
+def spawn_bridge(
+    env: dict[str, str], service: str, log: Path, *args: str
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "dispatch_celery", "bridge", "--service", service, *args],
-        env=subprocess_env(env), cwd=REPO, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        env=subprocess_env(env),
+        cwd=REPO,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
 
 
 def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
     proc.wait(10)
 
 
@@ -151,23 +185,62 @@ def stop_proc(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
         raise
 
 
-def event(n: int, *, method: str = "POST", status: int = 200, request_id: str | None = None,
-          content: str = "hello") -> bytes:
+def event(
+    n: int,
+    *,
+    method: str = "POST",
+    status: int = 200,
+    request_id: str | None = None,
+    content: str = "hello",
+) -> bytes:
     """A small valid llm-proxy event (chat completion)."""
     import base64
 
-    req = orjson.dumps({"model": "gpt-4o-mini",
-                        "messages": [{"role": "user", "content": f"{content} {n}"}]})
-    resp = orjson.dumps({"id": f"chatcmpl-{n}", "object": "chat.completion",
-                         "model": "gpt-4o-mini-2024-07-18",
-                         "choices": [{"index": 0, "message": {"role": "assistant",
-                                      "content": f"reply {n}"}, "finish_reason": "stop"}],
-                         "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
+    req = orjson.dumps(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"{content} {n}"}]}
+    )
+    resp = orjson.dumps(
+        {
+            "id": f"chatcmpl-{n}",
+            "object": "chat.completion",
+            "model": "gpt-4o-mini-2024-07-18",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": f"reply {n}"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+        }
+    )
     rid = request_id if request_id is not None else f"00000000-0000-4000-8000-{n:012d}"
-    return orjson.dumps({
-        "LogID": 0, "RequestID": rid, "Method": method, "Path": "/v1/chat/completions",
-        "Status": status, "Duration": 250_000_000,
-        "ResponseHeaders": {"Content-Type": ["application/json"]},
-        "ResponseBody": base64.b64encode(resp).decode(),
-        "RequestBody": base64.b64encode(req).decode() if method == "POST" else None,
-    })
+    return orjson.dumps(
+        {
+            "LogID": 0,
+            "RequestID": rid,
+            "Method": method,
+            "Path": "/v1/chat/completions",
+            "Status": status,
+            "Duration": 250_000_000,
+            "ResponseHeaders": {"Content-Type": ["application/json"]},
+            "ResponseBody": base64.b64encode(resp).decode(),
+            "RequestBody": base64.b64encode(req).decode() if method == "POST" else None,
+        }
+    )
+
+
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def xrange(r: redis.Redis, key: str) -> Entries:
+    """XRANGE of a whole stream, typed for the bytes client the tests use."""
+    return cast(Entries, r.xrange(key))
+
+
+def read_as(r: redis.Redis, group: str, consumer: str, stream: str, count: int) -> Entries:
+    """XREADGROUP ``>`` as another consumer (e.g. a bridge about to die)."""
+    reply = cast(
+        list[tuple[bytes, Entries]], r.xreadgroup(group, consumer, {stream: ">"}, count=count)
+    )
+    return reply[0][1] if reply else []

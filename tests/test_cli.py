@@ -27,21 +27,33 @@ from tests.harness import (
     wait_for,
     worker,
     xadd_all,
+    xrange,
 )
 
 STREAM = "llm-proxy-events"
 
 
-def dispatch(*args: str, env: dict[str, str], cwd: Path = REPO,
-             timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dispatch_celery", *args],
-                          env=subprocess_env(env), cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+def dispatch(
+    *args: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dispatch_celery", *args],
+        env=subprocess_env(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_bad_configuration_stops_at_start_naming_the_variable(redis_url: str) -> None:
-    res = dispatch("bridge", "--service", "file",
-                   env={"DISPATCH_REDIS_URL": redis_url, "DISPATCH_BATCH_SIZE": "lots"})
+    res = dispatch(
+        "bridge",
+        "--service",
+        "file",
+        env={"DISPATCH_REDIS_URL": redis_url, "DISPATCH_BATCH_SIZE": "lots"},
+    )
     assert res.returncode == 2
     assert "DISPATCH_BATCH_SIZE" in res.stderr and "'lots'" in res.stderr
     res = dispatch("bridge", "--service", "nosuch", env={"DISPATCH_REDIS_URL": redis_url})
@@ -50,8 +62,11 @@ def test_bad_configuration_stops_at_start_naming_the_variable(redis_url: str) ->
     assert res.returncode == 2 and "DISPATCH_REDIS_URL" in res.stderr
     worker = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "dispatch_celery", "worker", "-Q", "file"],
-        env=subprocess_env({"DISPATCH_MAX_ATTEMPTS": "0"}), capture_output=True, text=True,
-        timeout=60, check=False,
+        env=subprocess_env({"DISPATCH_MAX_ATTEMPTS": "0"}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert worker.returncode != 0 and "DISPATCH_MAX_ATTEMPTS" in worker.stderr
 
@@ -65,8 +80,13 @@ def test_precedence_flag_over_env_over_default_and_llm_proxy_names() -> None:
     s = load_settings({"DISPATCH_REDIS_URL": "redis://a:1/0", "REDIS_ADDR": "b:2"})
     assert s.redis_url == "redis://a:1/0"
     with pytest.raises(ConfigError, match="DISPATCH_VISIBILITY_TIMEOUT"):
-        load_settings({"DISPATCH_VISIBILITY_TIMEOUT": "60", "DISPATCH_RETRY_MAX_DELAY": "50",
-                       "DISPATCH_TASK_TIME_LIMIT": "30"})
+        load_settings(
+            {
+                "DISPATCH_VISIBILITY_TIMEOUT": "60",
+                "DISPATCH_RETRY_MAX_DELAY": "50",
+                "DISPATCH_TASK_TIME_LIMIT": "30",
+            }
+        )
 
 
 def test_backends_lists_plugins_and_their_configuration(redis_url: str) -> None:
@@ -84,16 +104,29 @@ def test_detached_bridge_runs_and_stops_gracefully(
 ) -> None:
     env = pipeline_env(redis_url, tmp_path)
     pidfile, logfile = tmp_path / "bridge.pid", tmp_path / "bridge.log"
-    res = dispatch("bridge", "--service", "file", "--detach", "--pidfile", str(pidfile),
-                   "--logfile", str(logfile), "--consumer", "d1", env=env, cwd=tmp_path)
+    res = dispatch(
+        "bridge",
+        "--service",
+        "file",
+        "--detach",
+        "--pidfile",
+        str(pidfile),
+        "--logfile",
+        str(logfile),
+        "--consumer",
+        "d1",
+        env=env,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     wait_for(pidfile.exists, what="pidfile")
     pid = int(pidfile.read_text())
     wait_for(lambda: r.exists(c.heartbeat_key("file", "d1")) == 1, what="heartbeat")
     xadd_all(r, STREAM, [event(i) for i in range(30)])
     wait_for(lambda: r.llen("file") >= 1, what="task enqueued by the detached bridge")
-    again = dispatch("bridge", "--service", "file", "--detach", "--pidfile", str(pidfile),
-                     env=env, cwd=tmp_path)
+    again = dispatch(
+        "bridge", "--service", "file", "--detach", "--pidfile", str(pidfile), env=env, cwd=tmp_path
+    )
     assert again.returncode != 0 and f"pid {pid}" in again.stderr
     res = dispatch("stop", "--pidfile", str(pidfile), env=env)
     assert res.returncode == 0 and "stopped" in res.stdout, res.stderr
@@ -111,8 +144,9 @@ def test_publish_sample_status_and_archive_replay(
     res = dispatch("publish", "--sample", "40", env=env)
     assert res.returncode == 0 and "published 40" in res.stdout, res.stderr
     assert r.xlen(STREAM) == 40
-    settings, app, _ = make(redis_url, tmp_path, DISPATCH_FILE_FORMAT="raw",
-                            DISPATCH_FILE_METHODS="*")
+    settings, app, _ = make(
+        redis_url, tmp_path, DISPATCH_FILE_FORMAT="raw", DISPATCH_FILE_METHODS="*"
+    )
     from tests.harness import bridge
 
     with bridge(settings, app, "file"), worker(app, "file"):
@@ -125,11 +159,11 @@ def test_publish_sample_status_and_archive_replay(
     human = dispatch("status", env=env)
     assert "file" in human.stdout and "delivered" in human.stdout
 
-    originals = [(i.decode(), f[b"data"]) for i, f in r.xrange(STREAM)]
+    originals = [(i.decode(), f[b"data"]) for i, f in xrange(r, STREAM)]
     r.delete(STREAM)
     res = dispatch("publish", "--from", str(tmp_path / "events.jsonl"), env=env)
     assert res.returncode == 0 and "40 with their original ids" in res.stdout, res.stdout
-    assert [(i.decode(), f[b"data"]) for i, f in r.xrange(STREAM)] == originals
+    assert [(i.decode(), f[b"data"]) for i, f in xrange(r, STREAM)] == originals
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"nope": 1}\n')
     res = dispatch("publish", "--from", str(bad), env=env)
@@ -144,7 +178,7 @@ def test_dlq_show_and_purge_asks_first(redis_url: str, r: redis.Redis, tmp_path:
 
     with bridge(settings, app, "file"), worker(app, "file"):
         wait_for(lambda: r.xlen(c.deadletter_key("file")) == 1, what="dead letter")
-    dlq_id = r.xrange(c.deadletter_key("file"))[0][0].decode()
+    dlq_id = xrange(r, c.deadletter_key("file"))[0][0].decode()
     runner = CliRunner()
     shown = runner.invoke(main, ["dlq", "show", "--service", "file", dlq_id], env=env)
     assert shown.exit_code == 0 and "not json at all" in shown.output
@@ -160,12 +194,16 @@ def test_dlq_show_and_purge_asks_first(redis_url: str, r: redis.Redis, tmp_path:
 def test_up_runs_everything_on_the_embedded_default(tmp_path: Path) -> None:
     """`dispatch up` with no configuration: embedded Redis, bridge, worker; Ctrl-C stops."""
     out = tmp_path / "up.log"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DISPATCH_", "REDIS_", "FLOWER_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "REDIS_", "FLOWER_"))
+    }
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.Popen(
         [sys.executable, "-m", "dispatch_celery", "up", "--sample", "200", "--no-flower"],
-        cwd=tmp_path, env=env, stdout=out.open("wb"), stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env=env,
+        stdout=out.open("wb"),
+        stderr=subprocess.STDOUT,
     )
     try:
         target = tmp_path / "dispatch-events.jsonl"

@@ -58,8 +58,11 @@ def test_kill_9_of_pool_children_mid_batch_loses_nothing(
                 os.kill(children[0], signal.SIGKILL)  # a pool child dies mid-batch
                 killed += 1
         assert killed >= 3
-        wait_for(lambda: set(_delivered(tmp_path / "flaky.jsonl")) >= set(ids), timeout=90,
-                 what="every event delivered")
+        wait_for(
+            lambda: set(_delivered(tmp_path / "flaky.jsonl")) >= set(ids),
+            timeout=90,
+            what="every event delivered",
+        )
         wait_for(lambda: r.hlen(c.inflight_key("flaky")) == 0, what="nothing in flight")
     finally:
         stop_proc(bridge)
@@ -82,8 +85,11 @@ def test_kill_9_of_bridges_between_enqueue_and_ack_loses_nothing(
             time.sleep(1.2)
             kill_group(bridge)
         bridge = spawn_bridge(env, "file", tmp_path / "bridge.log", "--consumer", "b1")
-        wait_for(lambda: set(_delivered(tmp_path / "events.jsonl")) >= set(ids), timeout=90,
-                 what="every event delivered")
+        wait_for(
+            lambda: set(_delivered(tmp_path / "events.jsonl")) >= set(ids),
+            timeout=90,
+            what="every event delivered",
+        )
         wait_for(lambda: r.hlen(c.inflight_key("file")) == 0, what="nothing in flight")
         stop_proc(bridge)
     finally:
@@ -110,8 +116,11 @@ def test_a_worker_killed_outright_is_redelivered_within_the_visibility_timeout(
         kill_group(first)  # the host dies: main process and pool children at once
         second = spawn_worker(env, "flaky", tmp_path / "worker2.log", name="w2")
         try:
-            wait_for(lambda: set(_delivered(tmp_path / "flaky.jsonl")) >= set(ids),
-                     timeout=visibility + 20, what="redelivery")
+            wait_for(
+                lambda: set(_delivered(tmp_path / "flaky.jsonl")) >= set(ids),
+                timeout=visibility + 20,
+                what="redelivery",
+            )
             took = time.monotonic() - killed_at
         finally:
             stop_proc(second)

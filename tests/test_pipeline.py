@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import cast
@@ -13,7 +14,17 @@ from click.testing import CliRunner
 from dispatch_celery import constants as c
 from dispatch_celery import stats
 from dispatch_celery.cli import main
-from tests.harness import bridge, event, jsonl, make, wait_for, worker, xadd_all
+from tests.harness import (
+    bridge,
+    event,
+    jsonl,
+    make,
+    read_as,
+    wait_for,
+    worker,
+    xadd_all,
+    xrange,
+)
 
 STREAM = "llm-proxy-events"
 
@@ -35,12 +46,16 @@ def test_events_flow_to_the_file_in_batches(redis_url: str, r: redis.Redis, tmp_
     assert not r.keys("dispatch:batch:*")  # every blob deleted after delivery
 
 
-def test_filtered_events_are_counted_not_lost(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+def test_filtered_events_are_counted_not_lost(
+    redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
     settings, app, _ = make(redis_url, tmp_path)
     xadd_all(r, STREAM, [event(i, method="GET" if i % 3 == 0 else "POST") for i in range(30)])
     with bridge(settings, app, "file"), worker(app, "file"):
-        wait_for(lambda: stats.read(r, "file")["batches"] >= 1
-                 and r.hlen(c.inflight_key("file")) == 0, what="batch finished")
+        wait_for(
+            lambda: stats.read(r, "file")["batches"] >= 1 and r.hlen(c.inflight_key("file")) == 0,
+            what="batch finished",
+        )
     counters = stats.read(r, "file")
     assert counters["filtered"] == 10
     assert counters["delivered"] == 20
@@ -63,14 +78,15 @@ def test_poison_entries_are_dead_lettered_and_the_rest_delivered(
     xadd_all(r, STREAM, [event(0)])
     for data, _ in POISON:
         r.xadd(STREAM, {"data": data})
-    nodata_id = r.xadd(STREAM, {"payload": "no data field here"}).decode()
+    nodata_id = cast(bytes, r.xadd(STREAM, {"payload": "no data field here"})).decode()
     xadd_all(r, STREAM, [event(i) for i in range(1, 11)])
     with bridge(settings, app, "file"), worker(app, "file"):
         wait_for(lambda: len(jsonl(tmp_path / "events.jsonl")) == 11, what="11 good records")
         wait_for(lambda: r.xlen(c.deadletter_key("file")) == 6, what="6 dead letters")
 
-    result = CliRunner().invoke(main, ["dlq", "list", "--service", "file", "--json"],
-                                env={"DISPATCH_REDIS_URL": redis_url})
+    result = CliRunner().invoke(
+        main, ["dlq", "list", "--service", "file", "--json"], env={"DISPATCH_REDIS_URL": redis_url}
+    )
     assert result.exit_code == 0, result.output
     letters = orjson.loads(result.output)
     assert len(letters) == 6
@@ -81,7 +97,7 @@ def test_poison_entries_are_dead_lettered_and_the_rest_delivered(
         assert hint.lower() in by_data[key].lower(), (hint, by_data[key])
     nodata = next(d for d in letters if d["stream_id"] == nodata_id)
     assert "data" in nodata["reason"] and "no data field here" in nodata["data"]
-    raw = r.xrange(c.deadletter_key("file"))
+    raw = xrange(r, c.deadletter_key("file"))
     assert {fields[b"data"] for _, fields in raw} >= {d for d, _ in POISON}  # raw bytes kept
 
 
@@ -95,7 +111,7 @@ def test_transient_failures_back_off_honour_retry_after_then_deliver(
         wait_for(lambda: len(jsonl(tmp_path / "flaky.jsonl")) == 5, what="delivery")
     calls = [orjson.loads(x) for x in cast(list[bytes], r.lrange("test:flaky:flaky:calls", 0, -1))]
     assert [x["attempt"] for x in calls] == [1, 2, 3]
-    gaps = [b["t"] - a["t"] for a, b in zip(calls, calls[1:], strict=False)]
+    gaps = [b["t"] - a["t"] for a, b in itertools.pairwise(calls)]
     assert all(g >= 0.55 for g in gaps), gaps  # Retry-After wins over the shorter backoff
     assert all(g < 2.5 for g in gaps), gaps  # ... and stays under the configured cap
     assert stats.read(r, "flaky")["retries"] == 2
@@ -111,7 +127,7 @@ def test_exhausted_attempts_dead_letter_never_drop(
     with bridge(settings, app, "flaky"), worker(app, "flaky"):
         wait_for(lambda: r.xlen(c.deadletter_key("flaky")) == 4, what="dead letters")
         wait_for(lambda: r.hlen(c.inflight_key("flaky")) == 0, what="batch finished")
-    letters = r.xrange(c.deadletter_key("flaky"))
+    letters = xrange(r, c.deadletter_key("flaky"))
     assert all(b"gave up after 3 attempts" in f[b"reason"] for _, f in letters)
     assert all(f[b"attempts"] == b"3" for _, f in letters)
     assert not (tmp_path / "flaky.jsonl").exists()
@@ -119,8 +135,11 @@ def test_exhausted_attempts_dead_letter_never_drop(
     # replay puts them back through delivery (the backend works again now)
     r.hset("test:flaky:flaky", "transient", 0)
     with worker(app, "flaky"):
-        result = CliRunner().invoke(main, ["dlq", "replay", "--service", "flaky"],
-                                    env={k: v for k, v in _env(redis_url, tmp_path).items()})
+        result = CliRunner().invoke(
+            main,
+            ["dlq", "replay", "--service", "flaky"],
+            env=dict(_env(redis_url, tmp_path).items()),
+        )
         assert result.exit_code == 0, result.output
         wait_for(lambda: len(jsonl(tmp_path / "flaky.jsonl")) == 4, what="replayed delivery")
     assert r.xlen(c.deadletter_key("flaky")) == 0
@@ -144,7 +163,7 @@ def test_per_run_rejections_and_deferrals(redis_url: str, r: redis.Redis, tmp_pa
         wait_for(lambda: r.hlen(c.inflight_key("flaky")) == 0, what="batch finished")
     calls = [orjson.loads(x) for x in cast(list[bytes], r.lrange("test:flaky:flaky:calls", 0, -1))]
     assert [x["runs"] for x in calls] == [8, 1]  # the retry re-sends only the deferred run
-    letters = r.xrange(c.deadletter_key("flaky"))
+    letters = xrange(r, c.deadletter_key("flaky"))
     assert len(letters) == 1 and letters[0][1][b"event_id"].decode() == bad
     ids = [x["id"] for x in jsonl(tmp_path / "flaky.jsonl")]
     assert len(ids) == len(set(ids)) == 7
@@ -164,8 +183,9 @@ def test_permanent_failure_dead_letters_the_batch_at_once(
 def test_backpressure_pauses_reading_and_resumes(
     redis_url: str, r: redis.Redis, tmp_path: Path
 ) -> None:
-    settings, app, _ = make(redis_url, tmp_path, DISPATCH_BATCH_SIZE="20",
-                            DISPATCH_HIGH_WATER_BATCHES="5")
+    settings, app, _ = make(
+        redis_url, tmp_path, DISPATCH_BATCH_SIZE="20", DISPATCH_HIGH_WATER_BATCHES="5"
+    )
     xadd_all(r, STREAM, [event(i) for i in range(1000)])
     with bridge(settings, app, "file") as b:
         wait_for(lambda: b.paused, what="pause at the high-water mark")
@@ -178,8 +198,11 @@ def test_backpressure_pauses_reading_and_resumes(
         assert b.read_total == read <= 6 * 20 + settings.read_count
         assert r.info("memory")["used_memory"] < memory + 256 * 1024  # not growing
         with worker(app, "file"):
-            wait_for(lambda: len(jsonl(tmp_path / "events.jsonl")) == 1000, timeout=60,
-                     what="drain after resume")
+            wait_for(
+                lambda: len(jsonl(tmp_path / "events.jsonl")) == 1000,
+                timeout=60,
+                what="drain after resume",
+            )
     assert stats.read(r, "file")["delivered"] == 1000
 
 
@@ -208,13 +231,16 @@ def test_pending_entries_of_a_dead_bridge_are_claimed_under_traffic(
     r.xgroup_create(STREAM, "dispatch-file", id="0", mkstream=True)
     first = xadd_all(r, STREAM, [event(i) for i in range(50)])
     # a bridge on another host read these and died before batching them
-    r.xreadgroup("dispatch-file", "dead-host", {STREAM: ">"}, count=50)
+    read_as(r, "dispatch-file", "dead-host", STREAM, 50)
     with bridge(settings, app, "file", consumer="live-host"), worker(app, "file"):
         for k in range(8):  # steady traffic: the live bridge is never idle
             xadd_all(r, STREAM, [event(1000 + k * 10 + j) for j in range(10)])
             time.sleep(0.4)
-        wait_for(lambda: len(jsonl(tmp_path / "events.jsonl")) == 130, timeout=30,
-                 what="claimed + live entries")
+        wait_for(
+            lambda: len(jsonl(tmp_path / "events.jsonl")) == 130,
+            timeout=30,
+            what="claimed + live entries",
+        )
     got = [rec["stream_id"] for rec in jsonl(tmp_path / "events.jsonl")]
     assert set(first) <= set(got) and len(got) == len(set(got))
     assert r.xpending(STREAM, "dispatch-file")["pending"] == 0
@@ -223,12 +249,18 @@ def test_pending_entries_of_a_dead_bridge_are_claimed_under_traffic(
 def test_a_staged_batch_of_a_dead_bridge_is_published_once(
     redis_url: str, r: redis.Redis, tmp_path: Path
 ) -> None:
-    from dispatch_celery.batches import BatchStore, batch_id_for, encode, entry_from_fields, raw_size
+    from dispatch_celery.batches import (
+        BatchStore,
+        batch_id_for,
+        encode,
+        entry_from_fields,
+        raw_size,
+    )
 
     settings, app, _ = make(redis_url, tmp_path)
     r.xgroup_create(STREAM, "dispatch-file", id="0", mkstream=True)
     xadd_all(r, STREAM, [event(i) for i in range(7)])
-    read = r.xreadgroup("dispatch-file", "dead-host", {STREAM: ">"}, count=7)[0][1]
+    read = read_as(r, "dispatch-file", "dead-host", STREAM, 7)
     entries = [entry_from_fields(i, f) for i, f in read]
     # the dead bridge stored the batch, then died before publishing the task
     BatchStore(r, "file").stage_many(
