@@ -176,9 +176,15 @@ class BatchStore:
             pipe.xack(stream, group, *ids)
         pipe.execute()
 
-    def load(self, batch_id: str) -> Batch | None:
-        blob = cast(bytes | None, self.r.get(self.key(batch_id)))
-        return decode(blob) if blob is not None else None
+    def load(self, batch_id: str) -> tuple[Batch | None, set[str]]:
+        """The batch (None once finished) and the ids of its entries already settled."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.get(self.key(batch_id))
+        pipe.smembers(c.batch_done_key(self.service, batch_id))
+        blob, done = pipe.execute()
+        if blob is None:
+            return None, set()
+        return decode(blob), {m.decode() for m in done}
 
     def finish(self, batch_id: str, batch: Batch) -> None:
         keys = [
@@ -196,10 +202,6 @@ class BatchStore:
     def mark_done(self, batch_id: str, entry_ids: Sequence[str]) -> None:
         if entry_ids:
             self.r.sadd(c.batch_done_key(self.service, batch_id), *entry_ids)
-
-    def done(self, batch_id: str) -> set[str]:
-        members = cast(set[bytes], self.r.smembers(c.batch_done_key(self.service, batch_id)))
-        return {m.decode() for m in members}
 
     def next_attempt(self, batch_id: str) -> int:
         """Count one more attempt; survives worker crashes (a poison batch cannot loop)."""

@@ -130,11 +130,10 @@ class Deliverer:
     def run(self, service: str, batch_id: str, attempt: int) -> Attempt:
         rt = self.runtime(service)
         result = Attempt(service, batch_id, attempt)
-        batch = rt.store.load(batch_id)
+        batch, done = rt.store.load(batch_id)
         if batch is None:  # finished by an earlier copy of this task
             result.found = False
             return result
-        done = rt.store.done(batch_id) if attempt > 1 else set()
         todo = [e for e in batch.entries if e.entry_id not in done]
         result.events = len(todo)
 
