@@ -273,3 +273,45 @@ def test_a_staged_batch_of_a_dead_bridge_is_published_once(
     assert len(jsonl(tmp_path / "events.jsonl")) == 7
     assert r.xpending(STREAM, "dispatch-file")["pending"] == 0
     assert r.hlen(c.staged_key("file")) == 0
+
+
+def test_the_seven_spec_vectors_end_to_end(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
+    """stream-vectors.json through a real bridge and worker into the file backend."""
+    from tests.test_vectors import load_vectors, require_vectors
+
+    require_vectors()
+    vectors = load_vectors()
+    assert len(vectors) == 7
+    settings, app, _ = make(redis_url, tmp_path)
+    ids = [
+        cast(bytes, r.xadd(v["stream_key"], {"data": v["xadd_fields"]["data"]})).decode()
+        for v in vectors
+    ]
+    delivered = [v for v in vectors if v["expected_record"]["delivered"]]
+    with bridge(settings, app, "file"), worker(app, "file"):
+        wait_for(lambda: len(jsonl(tmp_path / "events.jsonl")) == len(delivered), what="records")
+        wait_for(lambda: stats.read(r, "file")["filtered"] == 2, what="filtered counted")
+    by_id = {rec["stream_id"]: rec for rec in jsonl(tmp_path / "events.jsonl")}
+    for v, sid in zip(vectors, ids, strict=True):
+        want = v["expected_record"]
+        if not want["delivered"]:
+            assert sid not in by_id
+            continue
+        rec = by_id[sid]
+        for key in ("id", "request_id", "method", "path", "status", "duration_ms", "model"):
+            assert rec[key] == want[key], (v["name"], key)
+        assert rec["usage"] == want["usage"], v["name"]
+        ms = int(sid.split("-")[0])
+        assert rec["ended_at"].endswith("Z") and rec["started_at"] < rec["ended_at"]
+        assert rec["duration_ms"] == want["duration_ms"] and ms > 0
+        if "output_text" in want:
+            assert rec["output"]["choices"][0]["message"]["content"] == want["output_text"]
+        if "streamed" in want:
+            assert rec["streamed"] is want["streamed"]
+        if want.get("finish_reason"):
+            assert rec["output"]["choices"][0]["finish_reason"] == want["finish_reason"]
+        if want.get("error_present"):
+            assert rec["error"]
+        if want.get("output_is_binary_marker"):
+            assert isinstance(rec["output"], dict) and "base64" not in str(rec["output"]).lower()
+    assert stats.read(r, "file")["delivered"] == 5
