@@ -29,6 +29,7 @@ import orjson
 import redis
 
 from dispatch_celery import constants as c
+from dispatch_celery.stats import Counter
 
 _MAGIC = b"DCB1"
 _HEAD = struct.Struct(">HH")  # len(stream), len(group)
@@ -174,6 +175,8 @@ class BatchStore:
             pipe.hdel(self.staged, *batch_ids)
         if ids and stream and group:
             pipe.xack(stream, group, *ids)
+            # counted here, in the same round trip: events handed to the broker
+            pipe.hincrby(c.stats_key(self.service), Counter.ENQUEUED.value, len(ids))
         pipe.execute()
 
     def load(self, batch_id: str) -> tuple[Batch | None, set[str]]:

@@ -246,11 +246,14 @@ class Bridge:
             batch_id = batch_id_for(entries)
             items.append((batch_id, encode(self.stream, self.group, entries), raw_size(entries)))
         self.store.stage_many(items, self.consumer)
-        for (batch_id, _, _), entries in zip(items, batches, strict=True):
-            self.enqueuer.publish(batch_id, len(entries))
+        self.enqueuer.publish_many(
+            [
+                (batch_id, len(entries))
+                for (batch_id, _, _), entries in zip(items, batches, strict=True)
+            ]
+        )
         ids = [e.entry_id for entries in batches for e in entries]
         self.store.confirm([i[0] for i in items], self.stream, self.group, ids)
-        stats.add(self.r, self.service, {Counter.ENQUEUED: len(ids)})
 
     def recover_staged(self, *, own: bool) -> int:
         """Re-publish batches stored but never confirmed (their bridge died mid-flush)."""
