@@ -179,17 +179,25 @@ class BatchStore:
             pipe.hincrby(c.stats_key(self.service), Counter.ENQUEUED.value, len(ids))
         pipe.execute()
 
-    def load(self, batch_id: str) -> tuple[Batch | None, set[str]]:
-        """The batch (None once finished) and the ids of its entries already settled."""
+    def begin(self, batch_id: str) -> tuple[int, Batch | None, set[str]]:
+        """Count one more attempt (across retries and worker crashes, so a poison batch
+        cannot loop) and load the batch (None once finished) with the ids of its entries
+        already settled, in one round trip."""
+        attempts = c.batch_attempts_key(self.service, batch_id)
         pipe = self.r.pipeline(transaction=False)
+        pipe.incr(attempts)
+        pipe.expire(attempts, 7 * 24 * 3600)
         pipe.get(self.key(batch_id))
         pipe.smembers(c.batch_done_key(self.service, batch_id))
-        blob, done = pipe.execute()
+        attempt, _, blob, done = pipe.execute()
         if blob is None:
-            return None, set()
-        return decode(blob), {m.decode() for m in done}
+            self.r.delete(attempts)
+            return int(attempt), None, set()
+        return int(attempt), decode(blob), {m.decode() for m in done}
 
-    def finish(self, batch_id: str, batch: Batch) -> None:
+    def finish(
+        self, batch_id: str, batch: Batch, pipe: redis.client.Pipeline | None = None
+    ) -> None:
         keys = [
             self.key(batch_id),
             self.staged,
@@ -200,20 +208,11 @@ class BatchStore:
             batch.stream,
         ]
         args: list[Any] = [batch_id, batch.group, *(e.entry_id for e in batch.entries)]
-        self._finish(keys=keys, args=args)
+        self._finish(keys=keys, args=args, client=pipe)
 
     def mark_done(self, batch_id: str, entry_ids: Sequence[str]) -> None:
         if entry_ids:
             self.r.sadd(c.batch_done_key(self.service, batch_id), *entry_ids)
-
-    def next_attempt(self, batch_id: str) -> int:
-        """Count one more attempt; survives worker crashes (a poison batch cannot loop)."""
-        key = c.batch_attempts_key(self.service, batch_id)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.incr(key)
-        pipe.expire(key, 7 * 24 * 3600)
-        attempt, _ = pipe.execute()
-        return int(attempt)
 
     def reset_attempts(self, batch_id: str) -> None:
         """An attempt made progress: count the next ones afresh."""

@@ -124,13 +124,10 @@ class Deliverer:
             rt.backend.close()
         self._runtimes = {}
 
-    def next_attempt(self, service: str, batch_id: str) -> int:
-        return self.runtime(service).store.next_attempt(batch_id)
-
-    def run(self, service: str, batch_id: str, attempt: int) -> Attempt:
+    def run(self, service: str, batch_id: str) -> Attempt:
         rt = self.runtime(service)
+        attempt, batch, done = rt.store.begin(batch_id)
         result = Attempt(service, batch_id, attempt)
-        batch, done = rt.store.load(batch_id)
         if batch is None:  # finished by an earlier copy of this task
             result.found = False
             return result
@@ -182,7 +179,8 @@ class Deliverer:
         else:
             counts[Counter.BATCHES] = 1
         latencies = [now - int(r.event.stream_id.split("-", 1)[0]) / 1000 for r in delivered]
-        stats.add(rt.store.r, service, counts, latencies)
+        pipe = rt.store.r.pipeline(transaction=False)
+        stats.queue_add(pipe, service, counts, latencies)
         result.delivered = counts[Counter.DELIVERED]
         result.dead_lettered = len(dead)
         result.filtered = counts.get(Counter.FILTERED, 0) + counts.get(Counter.SAMPLED_OUT, 0)
@@ -194,7 +192,8 @@ class Deliverer:
             if settled:  # progress (e.g. a slow rate limit): attempts count without progress
                 rt.store.reset_attempts(batch_id)
         else:
-            rt.store.finish(batch_id, batch)
+            rt.store.finish(batch_id, batch, pipe)
+        pipe.execute()
         return result
 
     def _prepare(

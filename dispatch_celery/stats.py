@@ -50,6 +50,18 @@ def add(
 ) -> None:
     """Add to the counters (and the latency histogram) in one round trip."""
     pipe = client.pipeline(transaction=False)
+    queue_add(pipe, service, counts, latencies)
+    if len(pipe):
+        pipe.execute()
+
+
+def queue_add(
+    pipe: redis.client.Pipeline,
+    service: str,
+    counts: Mapping[Counter, int],
+    latencies: Iterable[float] = (),
+) -> None:
+    """Queue the commands of ``add`` on a pipeline the caller executes."""
     key = c.stats_key(service)
     for name, n in counts.items():
         if n:
@@ -69,8 +81,6 @@ def add(
             pipe.hincrby(lkey, label, n)
         pipe.hincrbyfloat(lkey, "sum", total)
         pipe.hincrby(lkey, "count", n_lat)
-    if len(pipe):
-        pipe.execute()
 
 
 def read(client: redis.Redis, service: str) -> dict[str, int]:

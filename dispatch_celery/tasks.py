@@ -2,7 +2,7 @@
 
 Every exit of ``deliver`` delivers, schedules a retry, or dead-letters:
 
-* attempts are counted in Redis (``BatchStore.next_attempt``), across retries *and* worker
+* attempts are counted in Redis (``BatchStore.begin``), across retries *and* worker
   crashes, so a batch that kills its worker cannot loop forever;
 * a transient failure retries only the runs still pending, after
   ``backoff(attempt, retry_after)``: exponential with full jitter, at least the server's
@@ -77,8 +77,8 @@ def register(app: Celery, settings: Settings) -> None:
     def deliver(self: Task, service: str, batch_id: str, events: int = 0) -> str:  # type: ignore[type-arg]
         """Deliver batch ``batch_id`` of ``service`` (``events`` is informational)."""
         started = time.monotonic()
-        attempt = deliverer.next_attempt(service, batch_id)
-        result = deliverer.run(service, batch_id, attempt)
+        result = deliverer.run(service, batch_id)
+        attempt = result.attempt
         elapsed = time.monotonic() - started
         summary = (
             f"delivered={result.delivered} dead_lettered={result.dead_lettered} "
