@@ -121,11 +121,12 @@ def raw_size(entries: Sequence[Entry]) -> int:
     return sum(len(e.data) if e.data is not None else len(e.other) for e in entries)
 
 
-# KEYS: blob, staged, inflight, inflight-bytes, done-set, attempts, stream
+# KEYS: blob, staged, inflight, inflight-bytes, done-set, attempts, stream, touched
 # ARGV: batch id, group, entry ids...
 _FINISH = """
 redis.call('DEL', KEYS[1], KEYS[5], KEYS[6])
 redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[8], ARGV[1])
 local size = redis.call('HGET', KEYS[3], ARGV[1])
 if size then
   redis.call('HDEL', KEYS[3], ARGV[1])
@@ -138,6 +139,14 @@ end
 return size and 1 or 0
 """
 
+# KEYS: touched.  ARGV: older than (s), now (s).  Claims (re-stamps) and returns up to 100
+# batches whose last attempt began before ARGV[1], so one bridge re-publishes each.
+_ORPHANS = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return ids
+"""
+
 
 class BatchStore:
     """The Redis side of a service's batches (see the module docstring)."""
@@ -148,7 +157,9 @@ class BatchStore:
         self.staged = c.staged_key(service)
         self.inflight = c.inflight_key(service)
         self.inflight_bytes = c.inflight_bytes_key(service)
+        self.touched = c.touched_key(service)
         self._finish = client.register_script(_FINISH)
+        self._orphans = client.register_script(_ORPHANS)
 
     def key(self, batch_id: str) -> str:
         return c.batch_key(self.service, batch_id)
@@ -187,11 +198,13 @@ class BatchStore:
         pipe = self.r.pipeline(transaction=False)
         pipe.incr(attempts)
         pipe.expire(attempts, 7 * 24 * 3600)
+        pipe.zadd(self.touched, {batch_id: time.time()})
         pipe.get(self.key(batch_id))
         pipe.smembers(c.batch_done_key(self.service, batch_id))
-        attempt, _, blob, done = pipe.execute()
+        attempt, _, _, blob, done = pipe.execute()
         if blob is None:
             self.r.delete(attempts)
+            self.r.zrem(self.touched, batch_id)
             return int(attempt), None, set()
         return int(attempt), decode(blob), {m.decode() for m in done}
 
@@ -206,6 +219,7 @@ class BatchStore:
             c.batch_done_key(self.service, batch_id),
             c.batch_attempts_key(self.service, batch_id),
             batch.stream,
+            self.touched,
         ]
         args: list[Any] = [batch_id, batch.group, *(e.entry_id for e in batch.entries)]
         self._finish(keys=keys, args=args, client=pipe)
@@ -213,6 +227,12 @@ class BatchStore:
     def mark_done(self, batch_id: str, entry_ids: Sequence[str]) -> None:
         if entry_ids:
             self.r.sadd(c.batch_done_key(self.service, batch_id), *entry_ids)
+
+    def claim_orphans(self, older_than_s: float) -> list[str]:
+        """Batches whose task was lost after an attempt began (see ``touched_key``)."""
+        now = time.time()
+        ids = cast(list[bytes], self._orphans(keys=[self.touched], args=[now - older_than_s, now]))
+        return [i.decode() for i in ids]
 
     def reset_attempts(self, batch_id: str) -> None:
         """An attempt made progress: count the next ones afresh."""

@@ -287,10 +287,30 @@ class Bridge:
         buffered = len(self.buffer) // self.settings.batch_size
         return self.settings.high_water_batches - batches - buffered
 
+    def recover_orphans(self) -> int:
+        """Re-publish in-flight batches whose task was lost after an attempt began (a retry
+        that could not be published, say). Any live task of such a batch would have begun
+        another attempt by now: retries wait at most ``retry_max_delay``, an attempt lasts
+        at most ``task_time_limit``, a dead worker's task returns after the visibility
+        timeout. A duplicate task is harmless: it finds the blob gone, or the file
+        backend's journal, or the vendor's dedup by run id."""
+        s = self.settings
+        orphans = self.store.claim_orphans(
+            s.visibility_timeout + s.retry_max_delay + s.task_time_limit
+        )
+        live = [b for b in orphans if self.r.exists(self.store.key(b))]
+        if live:
+            self.enqueuer.publish_many([(b, 0) for b in live])
+            log.warning(
+                "bridge %s: re-published %d batches whose task was lost", self.service, len(live)
+            )
+        return len(live)
+
     def housekeeping(self) -> None:
         self.heartbeat()
         self.admin.check_trimmed()
         self.recover_staged(own=False)
+        self.recover_orphans()
         if not self.paused:
             self.claim_idle()
 

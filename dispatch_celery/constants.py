@@ -116,3 +116,9 @@ def batch_attempts_key(service: str, batch_id: str) -> str:
 def trim_cursor_key(service: str) -> str:
     """HASH group -> "<last-delivered id>|<count>": trimmed entries already counted."""
     return f"{PREFIX}:trim-cursor:{service}"
+
+
+def touched_key(service: str) -> str:
+    """ZSET batch_id -> time (s) its last attempt began; a batch untouched for longer than
+    any retry could wait has lost its task, and the bridge re-publishes it."""
+    return f"{PREFIX}:touched:{service}"

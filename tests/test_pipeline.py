@@ -315,3 +315,33 @@ def test_the_seven_spec_vectors_end_to_end(redis_url: str, r: redis.Redis, tmp_p
         if want.get("output_is_binary_marker"):
             assert isinstance(rec["output"], dict) and "base64" not in str(rec["output"]).lower()
     assert stats.read(r, "file")["delivered"] == 5
+
+
+def test_a_batch_whose_task_was_lost_is_republished(
+    redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    """An attempt began, then its retry could not be published (broker gone): the blob is
+    in flight with no task. The bridge notices once no live task could still be waiting."""
+    from dispatch_celery.batches import (
+        BatchStore,
+        batch_id_for,
+        encode,
+        entry_from_fields,
+        raw_size,
+    )
+
+    settings, app, _ = make(redis_url, tmp_path)
+    r.xgroup_create(STREAM, "dispatch-file", id="0", mkstream=True)
+    xadd_all(r, STREAM, [event(i) for i in range(6)])
+    entries = [entry_from_fields(i, f) for i, f in read_as(r, "dispatch-file", "b0", STREAM, 6)]
+    store = BatchStore(r, "file")
+    batch_id = batch_id_for(entries)
+    store.stage_many(
+        [(batch_id, encode(STREAM, "dispatch-file", entries), raw_size(entries))], "b0"
+    )
+    store.confirm([batch_id], STREAM, "dispatch-file", [e.entry_id for e in entries])
+    r.zadd(c.touched_key("file"), {batch_id: time.time() - 3600})  # last attempt long ago
+    with bridge(settings, app, "file"), worker(app, "file"):
+        wait_for(lambda: len(jsonl(tmp_path / "events.jsonl")) == 6, what="orphan delivered")
+        wait_for(lambda: r.hlen(c.inflight_key("file")) == 0, what="nothing in flight")
+    assert r.zcard(c.touched_key("file")) == 0
