@@ -237,7 +237,9 @@ class Deliverer:
                 )
             )
             return None
-        return Run(record, event, rt.redactor.redact_raw)
+        # The event a backend sees has its sensitive headers redacted too (Helicone forwards
+        # response headers); ``Run.raw`` is the redacted original entry.
+        return Run(record, rt.redactor.redact_event(event), rt.redactor.redact_raw)
 
     def _dead(self, rt: ServiceRuntime, entry: Entry, reason: str, event_id: str) -> NewDeadLetter:
         raw = entry.data if entry.data is not None else entry.other
