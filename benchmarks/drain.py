@@ -3,9 +3,13 @@
     python benchmarks/drain.py                 # 100k events, ~1.8 KB each
     python benchmarks/drain.py --events 1000000 --only full   # peak RSS over 1M events
 
-(a) raw: one redis-py loop of XREADGROUP COUNT 500 + XACK, no decoding;
+(a) raw: one redis-py loop of XREADGROUP COUNT 500 + XACK, no decoding, with the same
+    client the project uses (hiredis parser); also shown with redis-py's pure-Python
+    parser, for comparison with measurements made without hiredis;
 (b) bridge: ``dispatch bridge --service file`` alone (tasks pile up on the queue);
-(c) full: one bridge + one worker (``--pool solo``: 2 processes) into the file backend.
+(c) full: one bridge + one worker ``celery -A dispatch_celery worker -Q file`` with its
+    default pool (prefork, one process per core: 2 here) into the file backend;
+    ``--worker-args`` changes that (e.g. ``--worker-args="--pool solo"``).
 Each phase starts from the same freshly filled stream; the fill is not timed. A private
 redis-server is started on a free port unless DISPATCH_REDIS_URL is given.
 """
@@ -85,16 +89,24 @@ def fill(client: redis.Redis, n: int) -> float:
     return size / n
 
 
-def raw_phase(client: redis.Redis, n: int) -> float:
-    client.xgroup_create(STREAM, "bench-raw", id="0")
+def python_parser_client(url: str) -> redis.Redis:
+    from redis._parsers import _RESP2Parser
+
+    return redis.Redis(
+        connection_pool=redis.ConnectionPool.from_url(url, parser_class=_RESP2Parser)
+    )
+
+
+def raw_phase(client: redis.Redis, n: int, group: str = "bench-raw") -> float:
+    client.xgroup_create(STREAM, group, id="0")
     done = 0
     t0 = time.perf_counter()
     while done < n:
-        reply: Any = client.xreadgroup("bench-raw", "c1", {STREAM: ">"}, count=500)
+        reply: Any = client.xreadgroup(group, "c1", {STREAM: ">"}, count=500)
         if not reply:
             break
         ids: list[bytes] = [entry_id for entry_id, _ in reply[0][1]]
-        client.xack(STREAM, "bench-raw", *ids)
+        client.xack(STREAM, group, *ids)
         done += len(ids)
     return done / (time.perf_counter() - t0)
 
@@ -159,7 +171,15 @@ def bridge_phase(url: str, client: redis.Redis, n: int, out: Path) -> tuple[floa
         proc.wait(30)
 
 
-def full_phase(url: str, client: redis.Redis, n: int, out: Path) -> tuple[float, float, float]:
+def tree_peak_rss_mb(pid: int) -> float:
+    """Peak RSS of a process and its children (a prefork worker's pool)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return sum(peak_rss_mb(p) for p in [pid, *(int(x) for x in out.stdout.split())])
+
+
+def full_phase(
+    url: str, client: redis.Redis, n: int, out: Path, worker_args: list[str]
+) -> tuple[float, float, float]:
     env = env_for(url, out)
     worker = subprocess.Popen(
         [
@@ -171,13 +191,12 @@ def full_phase(url: str, client: redis.Redis, n: int, out: Path) -> tuple[float,
             "worker",
             "-Q",
             "file",
-            "--pool",
-            "solo",
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
             "-l",
             "WARNING",
+            *worker_args,
         ],
         env=env,
         cwd=out,
@@ -194,7 +213,7 @@ def full_phase(url: str, client: redis.Redis, n: int, out: Path) -> tuple[float,
                 raise SystemExit("a process died; see its output above")
             time.sleep(0.05)
         rate = n / (time.perf_counter() - t0)
-        return rate, peak_rss_mb(bridge.pid), peak_rss_mb(worker.pid)
+        return rate, peak_rss_mb(bridge.pid), tree_peak_rss_mb(worker.pid)
     finally:
         bridge.terminate()
         worker.terminate()
@@ -206,6 +225,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--only", choices=["raw", "bridge", "full"], action="append")
+    ap.add_argument("--worker-args", default="", help="extra celery worker arguments")
     args = ap.parse_args()
     phases = args.only or ["raw", "bridge", "full"]
     work = Path(tempfile.mkdtemp(prefix="dispatch-bench-"))
@@ -223,7 +243,9 @@ def main() -> None:
             avg = fill(client, n)
             print(f"events: {n}, average size {avg:.0f} B")
             results["raw"] = raw_phase(client, n)
-            print(f"(a) raw XREADGROUP+XACK : {results['raw']:>10,.0f} events/s")
+            print(f"(a) raw XREADGROUP+XACK : {results['raw']:>10,.0f} events/s  (hiredis)")
+            pure = raw_phase(python_parser_client(url), n, group="bench-raw-py")
+            print(f"    same, pure-Python parser: {pure:>8,.0f} events/s")
         if "bridge" in phases:
             fill(client, n)
             results["bridge"], rss = bridge_phase(url, client, n, work)
@@ -235,10 +257,12 @@ def main() -> None:
             fill(client, n)
             out = work / "full"
             out.mkdir()
-            results["full"], rss_b, rss_w = full_phase(url, client, n, out)
+            results["full"], rss_b, rss_w = full_phase(
+                url, client, n, out, args.worker_args.split()
+            )
             print(
                 f"(c) full drain to file  : {results['full']:>10,.0f} events/s"
-                f"   (peak RSS bridge {rss_b:.0f} MB, worker {rss_w:.0f} MB)"
+                f"   (peak RSS bridge {rss_b:.0f} MB, worker incl. pool {rss_w:.0f} MB)"
             )
         if "raw" in results:
             for name in ("bridge", "full"):
