@@ -167,6 +167,8 @@ class Redactor:
     def redact_headers(self, headers: Mapping[str, list[str]]) -> dict[str, list[str]]:
         """A copy of ``headers``: sensitive headers' values and credentials redacted."""
         out = dict(headers)
+        if not out:
+            return out
         # One detector run over every value instead of one per value.
         scan = self.custom or self._detector.in_text(
             "\n".join(v for vs in out.values() for v in vs)
@@ -188,6 +190,8 @@ class Redactor:
         headers = self.redact_headers(event.response_headers)
         if self.metadata_only:
             return replace(event, response_headers=headers, response_body=None, request_body=None)
+        if headers == event.response_headers:  # the common case: nothing to hide
+            return event
         return replace(event, response_headers=headers)
 
     def redact_record(self, record: RunRecord) -> RunRecord:
