@@ -72,7 +72,41 @@ def create_app(settings: Settings) -> Celery:
     app.conf.update(celery_config(settings))
     tasks.register(app, settings)
     _connect_logging(settings)
+    _connect_backend_check(app, settings)
     return app
+
+
+def _connect_backend_check(app: Celery, settings: Settings) -> None:
+    """A worker for ``-Q helicone`` without ``DISPATCH_HELICONE_API_KEY`` must not start
+    and fail every batch: check the backend of every queue it consumes, at start."""
+    import logging
+    import sys
+
+    from celery.signals import worker_init
+
+    from dispatch_celery.errors import ConfigError
+    from dispatch_celery.registry import create_backend, installed
+
+    def check(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not app:
+            return
+        names = set(installed(settings))
+        for queue in sorted(app.amqp.queues.consume_from or {}):
+            if queue not in names:
+                logging.getLogger("dispatch_celery.app").warning(
+                    "queue %r is not an installed backend (installed: %s); bridges publish "
+                    "to the queue named after the service",
+                    queue,
+                    ", ".join(sorted(names)),
+                )
+                continue
+            try:
+                create_backend(queue, settings).close()
+            except ConfigError as exc:
+                print(f"dispatch-celery: configuration error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+
+    worker_init.connect(check, weak=False)
 
 
 def _connect_logging(settings: Settings) -> None:

@@ -69,6 +69,16 @@ def test_bad_configuration_stops_at_start_naming_the_variable(redis_url: str) ->
         check=False,
     )
     assert worker.returncode != 0 and "DISPATCH_MAX_ATTEMPTS" in worker.stderr
+    unconfigured = subprocess.run(  # a worker for a backend without its API key
+        [sys.executable, "-m", "celery", "-A", "dispatch_celery", "worker", "-Q", "helicone"],
+        env=subprocess_env({"DISPATCH_REDIS_URL": redis_url}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert unconfigured.returncode == 2, unconfigured.stderr
+    assert "DISPATCH_HELICONE_API_KEY" in unconfigured.stderr
 
 
 def test_precedence_flag_over_env_over_default_and_llm_proxy_names() -> None:
