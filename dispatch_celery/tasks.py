@@ -26,6 +26,7 @@ from celery import Celery, Task
 
 from dispatch_celery import constants as c
 from dispatch_celery.delivery import Deliverer
+from dispatch_celery.errors import ConfigError
 from dispatch_celery.settings import Settings
 
 log = logging.getLogger("dispatch_celery.tasks")
@@ -77,7 +78,13 @@ def register(app: Celery, settings: Settings) -> None:
     def deliver(self: Task, service: str, batch_id: str, events: int = 0) -> str:  # type: ignore[type-arg]
         """Deliver batch ``batch_id`` of ``service`` (``events`` is informational)."""
         started = time.monotonic()
-        result = deliverer.run(service, batch_id)
+        try:
+            result = deliverer.run(service, batch_id)
+        except ConfigError as exc:
+            # The backend cannot even be built (its settings changed under a running
+            # worker): keep the batch, retry slowly, say what to fix.
+            log.error("batch %s/%s waits: %s", service, batch_id, exc)
+            raise self.retry(countdown=settings.retry_max_delay, max_retries=None) from None
         attempt = result.attempt
         elapsed = time.monotonic() - started
         summary = (
