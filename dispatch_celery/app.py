@@ -112,11 +112,11 @@ def _connect_backend_check(app: Celery, settings: Settings) -> None:
 def _connect_logging(settings: Settings) -> None:
     from celery.signals import setup_logging
 
-    from dispatch_celery.logs import configure_logging
+    from dispatch_celery.logs import configure_logging, known_secrets
 
     def setup(loglevel: Any = None, **_: Any) -> None:
         # Connecting this signal stops Celery from installing its own handlers: the worker
         # logs in our format (text or JSON) like every other dispatch process.
-        configure_logging(settings.log_level, settings.log_format)
+        configure_logging(settings.log_level, settings.log_format, secrets=known_secrets(settings))
 
     setup_logging.connect(setup, weak=False)

@@ -117,7 +117,11 @@ def bridge(
         ctx = None
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
-    configure_logging(settings.log_level, settings.log_format)
+    from dispatch_celery.logs import known_secrets
+    from dispatch_celery.sentry import init_sentry
+
+    configure_logging(settings.log_level, settings.log_format, secrets=known_secrets(settings))
+    init_sentry(settings, "bridge")
     try:
         app = create_app(settings)
         Bridge(settings, service, Enqueuer(app, service), group=group, consumer=consumer).run(stop)
@@ -332,3 +336,13 @@ def up(service: str, sample: int, no_flower: bool) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
+
+
+def _register_operations() -> None:
+    from dispatch_celery.cli_ops import health, metrics
+
+    main.add_command(metrics)
+    main.add_command(health)
+
+
+_register_operations()

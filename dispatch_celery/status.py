@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, cast
@@ -9,10 +10,13 @@ from typing import Any, cast
 import orjson
 import redis
 from celery import Celery
+from kombu.exceptions import ChannelError
 
 from dispatch_celery import constants as c
 from dispatch_celery import stats
 from dispatch_celery.batches import BatchStore
+
+log = logging.getLogger("dispatch_celery.status")
 
 
 @dataclass
@@ -48,15 +52,23 @@ def _group_info(client: redis.Redis, stream: str, group: str) -> dict[str, Any] 
 
 
 def queue_depth(app: Celery | None, service: str) -> int | None:
+    """Tasks waiting on the service's broker queue; None when the broker cannot tell."""
     if app is None:
         return None
     try:
         with app.connection_for_read() as conn:
-            channel: Any = conn.default_channel
-            ok = channel.queue_declare(c.queue_name(service), passive=True)
+            conn.ensure_connection(max_retries=1)  # a status or scrape must not hang
+            try:
+                channel: Any = conn.default_channel  # the typed StdChannel lacks queue_declare
+                ok = channel.queue_declare(c.queue_name(service), passive=True)
+            except ChannelError:
+                # kombu's Redis transport keeps a queue as a list that exists only while it
+                # holds messages: "no such queue" there means an empty queue.
+                return 0 if conn.transport.driver_type == "redis" else None
             return int(ok.message_count)
-    except Exception:
-        return None  # queue not declared yet, or broker unreachable: shown as unknown
+    except Exception as exc:  # broker unreachable: shown as unknown
+        log.warning("cannot read the depth of queue %s: %s", c.queue_name(service), exc)
+        return None
 
 
 def bridges(client: redis.Redis, service: str) -> list[dict[str, Any]]:
