@@ -231,3 +231,11 @@ def test_up_runs_everything_on_the_embedded_default(tmp_path: Path) -> None:
     assert code == 0, out.read_text()
     assert "stopped." in out.read_text()
     assert (tmp_path / ".dispatch" / "redis").is_dir()
+
+
+def test_a_list_under_the_stream_key_is_a_clear_error(redis_url: str, r: redis.Redis) -> None:
+    r.lpush(STREAM, "left over by an old llm-proxy")
+    res = dispatch("bridge", "--service", "file", env={"DISPATCH_REDIS_URL": redis_url})
+    assert res.returncode == 1
+    assert "holds a list, not a stream" in res.stderr and "DISPATCH_STREAM" in res.stderr
+    assert r.type(STREAM) == b"list"  # nothing of ours touched it
