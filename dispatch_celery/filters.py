@@ -58,10 +58,7 @@ class EventFilter:
         """Read the service's filter; ``ConfigError`` naming the variable when invalid."""
 
         def lookup(name: str) -> tuple[str, str | None]:
-            value = settings.option(service, name)
-            if value is not None:
-                return settings.option_name(service, name), value
-            return f"DISPATCH_{name}", settings.global_option(name)
+            return settings.scoped_option(service, name)
 
         var, raw = lookup("METHODS")
         methods = parse_methods(var, raw) if raw is not None else frozenset(c.DEFAULT_METHODS)

@@ -120,10 +120,7 @@ class Redactor:
         """The service's rules; ``ConfigError`` naming the variable when one is invalid."""
 
         def lookup(name: str) -> tuple[str, str | None]:
-            value = settings.option(service, name)
-            if value is not None:
-                return settings.option_name(service, name), value
-            return f"DISPATCH_{name}", settings.global_option(name)
+            return settings.scoped_option(service, name)
 
         var, raw = lookup("REDACT_HEADERS")
         headers = [h.strip() for h in (raw or "").split(",") if h.strip()]

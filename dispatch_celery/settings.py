@@ -144,6 +144,14 @@ class Settings:
     def option_name(self, service: str, name: str) -> str:
         return f"DISPATCH_{service.upper().replace('-', '_')}_{name}"
 
+    def scoped_option(self, service: str, name: str) -> tuple[str, str | None]:
+        """(variable, value) of ``DISPATCH_<SERVICE>_<NAME>``, else of the service-wide
+        default ``DISPATCH_<NAME>``: the variable is the one to name in an error."""
+        value = self.option(service, name)
+        if value is not None:
+            return self.option_name(service, name), value
+        return f"DISPATCH_{name}", self.global_option(name)
+
     def global_option(self, name: str, default: str | None = None) -> str | None:
         """``DISPATCH_<NAME>``, a setting shared by every service unless overridden."""
         value = self.env.get(f"DISPATCH_{name}")

@@ -19,6 +19,7 @@ from dispatch_celery.events import decode_entry, stable_id
 from dispatch_celery.filters import EventFilter
 from dispatch_celery.records import build_record
 from dispatch_celery.settings import Settings
+from tests.vendor_servers import vectors_path
 
 VECTORS_FILE = "stream-vectors.json"
 ENTRY_ID = "1736937000123-0"
@@ -31,15 +32,7 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
 def find_vectors() -> Path | None:
-    configured = os.environ.get("DISPATCH_SPEC_DIR")
-    if configured:
-        path = Path(configured) / VECTORS_FILE
-        return path if path.is_file() else None
-    for folder in Path(__file__).resolve().parents:
-        candidate = folder / "shared" / "spec" / VECTORS_FILE
-        if candidate.is_file():
-            return candidate
-    return None
+    return vectors_path(Path(__file__).resolve().parent)
 
 
 def load_vectors() -> list[dict[str, Any]]:
