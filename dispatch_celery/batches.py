@@ -224,9 +224,11 @@ class BatchStore:
         args: list[Any] = [batch_id, batch.group, *(e.entry_id for e in batch.entries)]
         self._finish(keys=keys, args=args, client=pipe)
 
-    def mark_done(self, batch_id: str, entry_ids: Sequence[str]) -> None:
+    def mark_done(
+        self, batch_id: str, entry_ids: Sequence[str], pipe: redis.client.Pipeline
+    ) -> None:
         if entry_ids:
-            self.r.sadd(c.batch_done_key(self.service, batch_id), *entry_ids)
+            pipe.sadd(c.batch_done_key(self.service, batch_id), *entry_ids)
 
     def claim_orphans(self, older_than_s: float) -> list[str]:
         """Batches whose task was lost after an attempt began (see ``touched_key``)."""
@@ -234,9 +236,9 @@ class BatchStore:
         ids = cast(list[bytes], self._orphans(keys=[self.touched], args=[now - older_than_s, now]))
         return [i.decode() for i in ids]
 
-    def reset_attempts(self, batch_id: str) -> None:
+    def reset_attempts(self, batch_id: str, pipe: redis.client.Pipeline) -> None:
         """An attempt made progress: count the next ones afresh."""
-        self.r.delete(c.batch_attempts_key(self.service, batch_id))
+        pipe.delete(c.batch_attempts_key(self.service, batch_id))
 
     def in_flight(self) -> tuple[int, int]:
         """(batches, raw bytes) staged or enqueued and not yet finished."""

@@ -78,11 +78,19 @@ class DeadLetters:
         self.key = c.deadletter_key(service)
 
     def add(
-        self, items: Sequence[NewDeadLetter], *, stream: str, batch_id: str, attempts: int
+        self,
+        items: Sequence[NewDeadLetter],
+        *,
+        stream: str,
+        batch_id: str,
+        attempts: int,
+        pipe: redis.client.Pipeline | None = None,
     ) -> None:
+        """Append dead letters; on ``pipe`` when given (the caller executes it)."""
         if not items:
             return
-        pipe = self.r.pipeline(transaction=True)
+        own = pipe is None
+        pipe = self.r.pipeline(transaction=True) if pipe is None else pipe
         now = f"{time.time():.3f}"
         for item in items:
             pipe.xadd(
@@ -98,7 +106,8 @@ class DeadLetters:
                     "ts": now,
                 },
             )
-        pipe.execute()
+        if own:
+            pipe.execute()
 
     def count(self) -> int:
         return int(self.r.xlen(self.key))

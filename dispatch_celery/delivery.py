@@ -154,23 +154,26 @@ class Deliverer:
             report = self._deliver(rt, runs, batch_id, attempt)
         delivered = [r for r in runs if r.id not in report.rejected and r.id not in report.deferred]
         for run_id, reason in report.rejected.items():
-            for entry in by_run[run_id]:
+            for entry in by_run.get(run_id, ()):  # ids the backend made up are ignored
                 dead.append(self._dead(rt, entry, f"rejected by {service}: {reason}", run_id))
         for run_id, reason in report.deferred.items():
-            for entry in by_run[run_id]:
+            for entry in by_run.get(run_id, ()):
                 result.pending[entry.entry_id] = reason
         result.retry_after = report.retry_after
 
         if result.pending and attempt >= self.settings.max_attempts:
-            by_id = {e.entry_id: e for e in todo}
+            by_id = {e.entry_id: (e, run_id) for run_id, es in by_run.items() for e in es}
             for entry_id, reason in result.pending.items():
-                entry = by_id[entry_id]
-                why = f"gave up after {attempt} attempts: {reason}"
-                dead.append(self._dead(rt, entry, why, ""))
+                entry, run_id = by_id[entry_id]
+                why = f"gave up after {attempt} attempts without progress: {reason}"
+                dead.append(self._dead(rt, entry, why, run_id))
             result.pending = {}
             result.gave_up = True
 
-        rt.dlq.add(dead, stream=batch.stream, batch_id=batch_id, attempts=attempt)
+        # Dead letters, counters and the batch's end are written in one transaction: a crash
+        # cannot leave a batch finished without its dead letters, or dead-lettered twice.
+        pipe = rt.store.r.pipeline(transaction=True)
+        rt.dlq.add(dead, stream=batch.stream, batch_id=batch_id, attempts=attempt, pipe=pipe)
         now = time.time()
         counts[Counter.DELIVERED] = sum(len(by_run[r.id]) for r in delivered)
         counts[Counter.DEAD_LETTERED] = counts.get(Counter.DEAD_LETTERED, 0) + len(dead)
@@ -179,7 +182,6 @@ class Deliverer:
         else:
             counts[Counter.BATCHES] = 1
         latencies = [now - int(r.event.stream_id.split("-", 1)[0]) / 1000 for r in delivered]
-        pipe = rt.store.r.pipeline(transaction=False)
         stats.queue_add(pipe, service, counts, latencies)
         result.delivered = counts[Counter.DELIVERED]
         result.dead_lettered = len(dead)
@@ -187,10 +189,10 @@ class Deliverer:
 
         if result.pending:
             for run_id in [r.id for r in delivered] + list(report.rejected):
-                settled += [e.entry_id for e in by_run[run_id]]
-            rt.store.mark_done(batch_id, settled)
+                settled += [e.entry_id for e in by_run.get(run_id, ())]
+            rt.store.mark_done(batch_id, settled, pipe)
             if settled:  # progress (e.g. a slow rate limit): attempts count without progress
-                rt.store.reset_attempts(batch_id)
+                rt.store.reset_attempts(batch_id, pipe)
         else:
             rt.store.finish(batch_id, batch, pipe)
         pipe.execute()
