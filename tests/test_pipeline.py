@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from dispatch_celery import constants as c
 from dispatch_celery import stats
 from dispatch_celery.cli import main
+from tests.conftest import need_server
 from tests.harness import (
     bridge,
     event,
@@ -209,6 +210,8 @@ def test_backpressure_pauses_reading_and_resumes(
 def test_trimmed_before_read_is_counted_and_reported(
     redis_url: str, r: redis.Redis, tmp_path: Path
 ) -> None:
+    if int(str(cast(dict[str, object], r.info("server"))["redis_version"]).split(".")[0]) < 7:
+        need_server("Redis >= 7 (entries-read / entries-added)")
     settings, app, env = make(redis_url, tmp_path)
     xadd_all(r, STREAM, [event(i) for i in range(10)])
     with bridge(settings, app, "file"), worker(app, "file"):
