@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -129,17 +130,28 @@ def test_detached_bridge_runs_and_stops_gracefully(
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr
-    wait_for(pidfile.exists, what="pidfile")
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip().isdigit(), what="pidfile")
     pid = int(pidfile.read_text())
-    wait_for(lambda: r.exists(c.heartbeat_key("file", "d1")) == 1, what="heartbeat")
-    xadd_all(r, STREAM, [event(i) for i in range(30)])
-    wait_for(lambda: r.llen("file") >= 1, what="task enqueued by the detached bridge")
-    again = dispatch(
-        "bridge", "--service", "file", "--detach", "--pidfile", str(pidfile), env=env, cwd=tmp_path
-    )
-    assert again.returncode != 0 and f"pid {pid}" in again.stderr
-    res = dispatch("stop", "--pidfile", str(pidfile), env=env)
-    assert res.returncode == 0 and "stopped" in res.stdout, res.stderr
+    try:
+        wait_for(lambda: r.exists(c.heartbeat_key("file", "d1")) == 1, what="heartbeat")
+        xadd_all(r, STREAM, [event(i) for i in range(30)])
+        wait_for(lambda: r.llen("file") >= 1, what="task enqueued by the detached bridge")
+        again = dispatch(
+            "bridge",
+            "--service",
+            "file",
+            "--detach",
+            "--pidfile",
+            str(pidfile),
+            env=env,
+            cwd=tmp_path,
+        )
+        assert again.returncode != 0 and f"pid {pid}" in again.stderr
+        res = dispatch("stop", "--pidfile", str(pidfile), env=env)
+        assert res.returncode == 0 and "stopped" in res.stdout, res.stderr
+    finally:  # never leave a daemon behind to disturb the other tests
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not pidfile.exists()
