@@ -113,9 +113,13 @@ def xadd_all(
 
 
 def jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSONL file, read as a tailing reader must: a batch that is
+    being appended right now may be visible in part, so the unterminated rest is left."""
     if not path.exists():
         return []
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    return [orjson.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def subprocess_env(env: dict[str, str]) -> dict[str, str]:
