@@ -14,23 +14,11 @@ import click
 import orjson
 import redis
 
+from dispatch_celery.cli_common import ConfigFail, settings_or_fail
 from dispatch_celery.errors import ConfigError, DispatchError
-from dispatch_celery.settings import Settings, load_settings, redact_url, validate_service
+from dispatch_celery.settings import Settings, redact_url, validate_service
 
 STATE_DIR = Path(".dispatch")
-
-
-class ConfigFail(click.ClickException):
-    """Bad configuration: exit code 2, message names the variable."""
-
-    exit_code = 2
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        raise ConfigFail(f"configuration error: {exc}") from None
 
 
 def _client(settings: Settings) -> redis.Redis:
@@ -92,7 +80,7 @@ def bridge(
     from dispatch_celery.logs import configure_logging
 
     try:
-        settings = _settings().with_overrides(
+        settings = settings_or_fail().with_overrides(
             stream=stream, batch_size=batch_size, flush_interval=flush_interval
         )
     except ConfigError as exc:
@@ -151,7 +139,7 @@ def backends() -> None:
     """List installed backends and whether each is configured."""
     from dispatch_celery.registry import backend_class, installed
 
-    settings = _settings()
+    settings = settings_or_fail()
     for name in installed(settings):
         try:
             backend = backend_class(name, settings).from_settings(name, settings)
@@ -170,7 +158,7 @@ def status(services: tuple[str, ...], as_json: bool) -> None:
     from dispatch_celery.registry import installed
     from dispatch_celery.status import known_services, service_status
 
-    settings = _settings()
+    settings = settings_or_fail()
     client = _client(settings)
     app = create_app(settings)
     names = list(services) or known_services(client, settings.stream, installed(settings))
@@ -221,7 +209,7 @@ def dlq() -> None:
 def dlq_list(service: str, limit: int, as_json: bool) -> None:
     from dispatch_celery.deadletter import DeadLetters
 
-    client = _client(_settings())
+    client = _client(settings_or_fail())
     letters = list(DeadLetters(client, validate_service(service)).iter(limit))
     if as_json:
         click.echo(
@@ -239,7 +227,7 @@ def dlq_list(service: str, limit: int, as_json: bool) -> None:
 def dlq_show(service: str, dlq_id: str) -> None:
     from dispatch_celery.deadletter import DeadLetters
 
-    client = _client(_settings())
+    client = _client(settings_or_fail())
     d = DeadLetters(client, validate_service(service)).get(dlq_id)
     if d is None:
         raise click.ClickException(f"no dead letter {dlq_id} for {service}")
@@ -255,7 +243,7 @@ def dlq_replay(service: str, ids: tuple[str, ...]) -> None:
     from dispatch_celery.deadletter import DeadLetters
     from dispatch_celery.enqueue import Enqueuer
 
-    settings = _settings()
+    settings = settings_or_fail()
     client = _client(settings)
     app = create_app(settings)
     n = DeadLetters(client, _service(service, settings)).replay(
@@ -272,7 +260,7 @@ def dlq_purge(service: str, yes: bool, ids: tuple[str, ...]) -> None:
     """Delete dead letters (all, or the given ids) for good."""
     from dispatch_celery.deadletter import DeadLetters
 
-    client = _client(_settings())
+    client = _client(settings_or_fail())
     dl = DeadLetters(client, validate_service(service))
     what = f"{len(ids)} dead letters" if ids else f"all {dl.count()} dead letters"
     if not yes and not click.confirm(f"Delete {what} of {service}?", default=False):
@@ -295,7 +283,7 @@ def publish(sample: int | None, source: Path | None, maxlen: int | None) -> None
 
     if (sample is None) == (source is None):
         raise click.UsageError("give exactly one of --sample N or --from FILE")
-    settings = _settings()
+    settings = settings_or_fail()
     client = _client(settings)
     if sample is not None:
         from dispatch_celery.sample import sample_events
@@ -322,7 +310,7 @@ def up(service: str, sample: int, no_flower: bool) -> None:
     Flower. Ctrl-C stops it all."""
     from dispatch_celery.embedded import run_up
 
-    settings = _settings()
+    settings = settings_or_fail()
     _service(service, settings)
     try:
         code = run_up(

@@ -17,26 +17,16 @@ from typing import Any
 import click
 import orjson
 
+from dispatch_celery.cli_common import ConfigFail, settings_or_fail
 from dispatch_celery.errors import ConfigError
-from dispatch_celery.settings import Settings, load_settings, validate_service
-
-
-class _ConfigFail(click.ClickException):
-    exit_code = 2
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        raise _ConfigFail(f"configuration error: {exc}") from None
+from dispatch_celery.settings import validate_service
 
 
 def _services(names: tuple[str, ...]) -> list[str]:
     try:
         return [validate_service(n) for n in names]
     except ConfigError as exc:
-        raise _ConfigFail(str(exc)) from None
+        raise ConfigFail(str(exc)) from None
 
 
 @click.command("metrics")
@@ -63,7 +53,7 @@ def metrics(port: int | None, address: str, services: tuple[str, ...]) -> None:
     from dispatch_celery.logs import configure_logging, known_secrets
     from dispatch_celery.metrics import serve
 
-    settings = _settings()
+    settings = settings_or_fail()
     chosen = _services(services)
     configure_logging(settings.log_level, settings.log_format, secrets=known_secrets(settings))
     stop = threading.Event()
@@ -113,11 +103,11 @@ def health(
     Exit code 0 when healthy, 1 when a check failed, 2 on bad configuration."""
     from dispatch_celery.health import check_health
 
-    settings = _settings()
+    settings = settings_or_fail()
     try:
         report = check_health(settings, services=_services(services), only=only, timeout=timeout)
     except ConfigError as exc:
-        raise _ConfigFail(f"configuration error: {exc}") from None
+        raise ConfigFail(f"configuration error: {exc}") from None
     if as_json:
         click.echo(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2).decode())
     else:
