@@ -13,6 +13,14 @@ from click.testing import CliRunner
 
 from dispatch_celery import constants as c
 from dispatch_celery import stats
+from dispatch_celery.batches import (
+    BatchStore,
+    Entry,
+    batch_id_for,
+    encode,
+    entry_from_fields,
+    raw_size,
+)
 from dispatch_celery.cli import main
 from tests.conftest import need_server
 from tests.harness import (
@@ -249,27 +257,25 @@ def test_pending_entries_of_a_dead_bridge_are_claimed_under_traffic(
     assert r.xpending(STREAM, "dispatch-file")["pending"] == 0
 
 
+def stage_as_bridge(r: redis.Redis, consumer: str, n: int) -> tuple[BatchStore, str, list[Entry]]:
+    """Do what a bridge does up to staging: n new events read as ``consumer`` and stored as
+    one batch (staged, in flight), not yet published."""
+    r.xgroup_create(STREAM, "dispatch-file", id="0", mkstream=True)
+    xadd_all(r, STREAM, [event(i) for i in range(n)])
+    entries = [entry_from_fields(i, f) for i, f in read_as(r, "dispatch-file", consumer, STREAM, n)]
+    store = BatchStore(r, "file")
+    batch_id = batch_id_for(entries)
+    blob = encode(STREAM, "dispatch-file", entries)
+    store.stage_many([(batch_id, blob, raw_size(entries))], consumer)
+    return store, batch_id, entries
+
+
 def test_a_staged_batch_of_a_dead_bridge_is_published_once(
     redis_url: str, r: redis.Redis, tmp_path: Path
 ) -> None:
-    from dispatch_celery.batches import (
-        BatchStore,
-        batch_id_for,
-        encode,
-        entry_from_fields,
-        raw_size,
-    )
-
     settings, app, _ = make(redis_url, tmp_path)
-    r.xgroup_create(STREAM, "dispatch-file", id="0", mkstream=True)
-    xadd_all(r, STREAM, [event(i) for i in range(7)])
-    read = read_as(r, "dispatch-file", "dead-host", STREAM, 7)
-    entries = [entry_from_fields(i, f) for i, f in read]
     # the dead bridge stored the batch, then died before publishing the task
-    BatchStore(r, "file").stage_many(
-        [(batch_id_for(entries), encode(STREAM, "dispatch-file", entries), raw_size(entries))],
-        "dead-host",
-    )
+    stage_as_bridge(r, "dead-host", 7)
     with bridge(settings, app, "file", consumer="live-host"), worker(app, "file"):
         wait_for(lambda: len(jsonl(tmp_path / "events.jsonl")) == 7, what="recovered batch")
         time.sleep(3)  # past the claim-idle time: the entries must not be claimed again
@@ -325,23 +331,8 @@ def test_a_batch_whose_task_was_lost_is_republished(
 ) -> None:
     """An attempt began, then its retry could not be published (broker gone): the blob is
     in flight with no task. The bridge notices once no live task could still be waiting."""
-    from dispatch_celery.batches import (
-        BatchStore,
-        batch_id_for,
-        encode,
-        entry_from_fields,
-        raw_size,
-    )
-
     settings, app, _ = make(redis_url, tmp_path)
-    r.xgroup_create(STREAM, "dispatch-file", id="0", mkstream=True)
-    xadd_all(r, STREAM, [event(i) for i in range(6)])
-    entries = [entry_from_fields(i, f) for i, f in read_as(r, "dispatch-file", "b0", STREAM, 6)]
-    store = BatchStore(r, "file")
-    batch_id = batch_id_for(entries)
-    store.stage_many(
-        [(batch_id, encode(STREAM, "dispatch-file", entries), raw_size(entries))], "b0"
-    )
+    store, batch_id, entries = stage_as_bridge(r, "b0", 6)
     store.confirm([batch_id], STREAM, "dispatch-file", [e.entry_id for e in entries])
     r.zadd(c.touched_key("file"), {batch_id: time.time() - 3600})  # last attempt long ago
     with bridge(settings, app, "file"), worker(app, "file"):
