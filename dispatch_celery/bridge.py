@@ -155,7 +155,8 @@ class Bridge:
             self.buffer_since = time.monotonic()
         gone: list[str] = []
         for entry_id, fields in entries:
-            if fields is None:  # pending entry the producer trimmed before we batched it
+            if not fields:  # a pending entry the producer trimmed before we batched it
+                # (Redis answers it with no fields; a real entry always has one)
                 gone.append(entry_id.decode())
                 continue
             self.buffer.append(entry_from_fields(entry_id, fields))

@@ -339,3 +339,18 @@ def test_a_batch_whose_task_was_lost_is_republished(
         wait_for(lambda: len(jsonl(tmp_path / "events.jsonl")) == 6, what="orphan delivered")
         wait_for(lambda: r.hlen(c.inflight_key("file")) == 0, what="nothing in flight")
     assert r.zcard(c.touched_key("file")) == 0
+
+
+def test_pending_entries_trimmed_before_batching_are_counted_not_dead_lettered(
+    redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    settings, app, _ = make(redis_url, tmp_path)
+    r.xgroup_create(STREAM, "dispatch-file", id="0", mkstream=True)
+    ids = xadd_all(r, STREAM, [event(i) for i in range(5)])
+    read_as(r, "dispatch-file", "b1", STREAM, 5)  # read by this consumer, then it crashed
+    r.xdel(STREAM, *ids[:2])  # the producer trimmed two of them meanwhile
+    with bridge(settings, app, "file", consumer="b1"), worker(app, "file"):  # it restarts
+        wait_for(lambda: len(jsonl(tmp_path / "events.jsonl")) == 3, what="3 records")
+    assert stats.read(r, "file")["trimmed_unread"] == 2
+    assert r.xlen(c.deadletter_key("file")) == 0
+    assert r.xpending(STREAM, "dispatch-file")["pending"] == 0
