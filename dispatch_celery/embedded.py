@@ -170,7 +170,7 @@ def run_up(
         echo(f"Flower: http://127.0.0.1:{FLOWER_PORT}/  (user 'dispatch', password '{password}')")
     echo("Ctrl-C stops everything.")
 
-    last = -1
+    last: tuple[int, int, int] | None = None
     code = 0
     while not stop.is_set():
         for name, proc in procs.items():
@@ -180,8 +180,8 @@ def run_up(
                 code = 1
         counters = stats.read(client, service)
         figures = (counters["delivered"], counters["filtered"], counters["dead_lettered"])
-        if figures != (last, 0, 0) and figures[0] != last:
-            last = figures[0]
+        if figures != last:  # report progress when something changed
+            last = figures
             echo(f"delivered {figures[0]}, filtered {figures[1]}, dead-lettered {figures[2]}")
         stop.wait(2.0)
 
