@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -135,3 +136,15 @@ def settings(redis_url: str, r: redis.Redis, tmp_path: Path) -> Settings:
             "DISPATCH_FLUSH_INTERVAL": "0.2",
         }
     )
+
+
+@pytest.fixture(scope="session")
+def vectors() -> dict[str, dict[str, Any]]:
+    """The spec's stream vectors by name (skipped on a laptop without shared/, failed in CI)."""
+    from tests.vendor_servers import load_vectors, vectors_path
+
+    path = vectors_path(Path(__file__).resolve().parent)
+    if path is None:
+        need_server("shared/spec/stream-vectors.json (set DISPATCH_SPEC_DIR)")
+    assert path is not None
+    return load_vectors(path)

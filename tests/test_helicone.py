@@ -6,7 +6,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +14,6 @@ from backends.helicone import DEFAULT_ENDPOINT, HeliconeBackend
 from dispatch_celery.errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
 from dispatch_celery.registry import backend_class
 from dispatch_celery.settings import load_settings
-from tests.conftest import IN_CI
 from tests.vendor_servers import (
     FakeHelicone,
     Fault,
@@ -23,10 +21,8 @@ from tests.vendor_servers import (
     chat_run,
     chat_runs,
     entry_data,
-    load_vectors,
     run_from_data,
     vector_run,
-    vectors_path,
 )
 
 Factory = Callable[..., HeliconeBackend]
@@ -56,17 +52,6 @@ def make_backend(server: FakeHelicone) -> Iterator[Factory]:
     yield make
     for backend in made:
         backend.close()
-
-
-@pytest.fixture(scope="module")
-def vectors() -> dict[str, dict[str, Any]]:
-    path = vectors_path(Path(__file__).resolve().parent)
-    if path is None:
-        message = "shared/spec/stream-vectors.json not found (set DISPATCH_SPEC_DIR)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return load_vectors(path)
 
 
 def _instant(ms: int) -> dict[str, int]:

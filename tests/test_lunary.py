@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +14,6 @@ from backends.lunary import DEFAULT_ENDPOINT, LunaryBackend
 from dispatch_celery.errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
 from dispatch_celery.registry import backend_class
 from dispatch_celery.settings import load_settings
-from tests.conftest import IN_CI
 from tests.vendor_servers import (
     DUPLICATE,
     FakeLunary,
@@ -24,10 +22,8 @@ from tests.vendor_servers import (
     chat_run,
     chat_runs,
     entry_data,
-    load_vectors,
     run_from_data,
     vector_run,
-    vectors_path,
 )
 
 Factory = Callable[..., LunaryBackend]
@@ -57,17 +53,6 @@ def make_backend(server: FakeLunary) -> Iterator[Factory]:
     yield make
     for backend in made:
         backend.close()
-
-
-@pytest.fixture(scope="module")
-def vectors() -> dict[str, dict[str, Any]]:
-    path = vectors_path(Path(__file__).resolve().parent)
-    if path is None:
-        message = "shared/spec/stream-vectors.json not found (set DISPATCH_SPEC_DIR)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return load_vectors(path)
 
 
 def _ctx() -> Any:
