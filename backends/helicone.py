@@ -21,7 +21,8 @@ from typing import Any, ClassVar
 
 import orjson
 
-from backends._http import (
+from dispatch_celery.backend import DeliveryContext, DeliveryReport, Run
+from dispatch_celery.backends.http import (
     BUDGET_SPENT,
     DELIVERED,
     Deadline,
@@ -37,9 +38,8 @@ from backends._http import (
     url_option,
     vendor_uuid,
 )
-from dispatch_celery.backend import DeliveryContext, DeliveryReport, Run
+from dispatch_celery.decode.records import RunRecord
 from dispatch_celery.errors import TransientDeliveryError
-from dispatch_celery.records import RunRecord
 from dispatch_celery.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,8 @@ from typing import Any, ClassVar
 
 import orjson
 
-from backends._http import (
+from dispatch_celery.backend import DeliveryContext, DeliveryReport, Run
+from dispatch_celery.backends.http import (
     BUDGET_SPENT,
     DELIVERED,
     Deadline,
@@ -47,9 +48,8 @@ from backends._http import (
     summarize,
     vendor_uuid,
 )
-from dispatch_celery.backend import DeliveryContext, DeliveryReport, Run
+from dispatch_celery.decode.records import RunRecord, Usage
 from dispatch_celery.errors import TransientDeliveryError
-from dispatch_celery.records import RunRecord, Usage
 from dispatch_celery.settings import Settings
 
 log = logging.getLogger(__name__)

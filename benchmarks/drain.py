@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dispatch_celery import stats  # noqa: E402
-from dispatch_celery.publish import publish_events  # noqa: E402
-from dispatch_celery.sample import sample_events  # noqa: E402
+from dispatch_celery.cli.publish import publish_events  # noqa: E402
+from dispatch_celery.cli.sample import sample_events  # noqa: E402
 
 STREAM = "llm-proxy-events"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.vendor_servers
 
-from backends.helicone import DEFAULT_CONCURRENCY, HeliconeBackend
+from dispatch_celery.backends.helicone import DEFAULT_CONCURRENCY, HeliconeBackend
 from dispatch_celery.settings import load_settings
 from tests.vendor_servers import FakeHelicone, RecordingContext, chat_runs
 

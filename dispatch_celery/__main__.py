@@ -1,3 +1,3 @@
-from dispatch_celery.cli import main
+from dispatch_celery.cli.commands import main
 
 main()

@@ -66,11 +66,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def create_app(settings: Settings) -> Celery:
-    from dispatch_celery import tasks  # the task module needs the app; import lazily
+    from dispatch_celery.delivery import task  # the task module needs the app; import lazily
 
     app = Celery("dispatch_celery", set_as_current=False)
     app.conf.update(celery_config(settings))
-    tasks.register(app, settings)
+    task.register(app, settings)
     _connect_logging(settings)
     _connect_backend_check(app, settings)
     return app
@@ -112,7 +112,7 @@ def _connect_backend_check(app: Celery, settings: Settings) -> None:
 def _connect_logging(settings: Settings) -> None:
     from celery.signals import setup_logging
 
-    from dispatch_celery.logs import configure_logging, known_secrets
+    from dispatch_celery.ops.logs import configure_logging, known_secrets
 
     def setup(loglevel: Any = None, **_: Any) -> None:
         # Connecting this signal stops Celery from installing its own handlers: the worker

@@ -38,9 +38,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
+from dispatch_celery.decode.events import Event
+from dispatch_celery.decode.records import RunRecord
 from dispatch_celery.errors import PermanentDeliveryError, TransientDeliveryError
-from dispatch_celery.events import Event
-from dispatch_celery.records import RunRecord
 from dispatch_celery.settings import Settings
 
 

@@ -34,6 +34,6 @@ app = create_app(settings)
 @celeryd_init.connect
 def _start_sentry(**_: Any) -> None:
     # Imported here: `celery flower` / `celery inspect` import this module and need no SDK.
-    from dispatch_celery.sentry import init_sentry
+    from dispatch_celery.ops.sentry import init_sentry
 
     init_sentry(settings, "worker")

@@ -132,7 +132,7 @@ if _options.tasks_columns == "name,uuid,state,received,runtime,worker":
 def format_task(task: Any) -> Any:
     """Scrub credential-looking text from a task before a page shows it (defence in depth:
     the task's arguments never carry content or credentials in the first place)."""
-    from dispatch_celery.logs import scrub_text
+    from dispatch_celery.ops.logs import scrub_text
 
     for _name in ("args", "kwargs", "result", "exception", "traceback"):
         _value = getattr(task, _name, None)

@@ -20,8 +20,8 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from dispatch_celery.app import create_app
-from dispatch_celery.bridge import Bridge
-from dispatch_celery.enqueue import Enqueuer
+from dispatch_celery.ingest.bridge import Bridge
+from dispatch_celery.ingest.enqueue import Enqueuer
 from dispatch_celery.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent

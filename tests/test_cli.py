@@ -15,7 +15,7 @@ import redis
 from click.testing import CliRunner
 
 from dispatch_celery import constants as c
-from dispatch_celery.cli import main
+from dispatch_celery.cli.commands import main
 from dispatch_celery.errors import ConfigError
 from dispatch_celery.settings import load_settings
 from tests.harness import (
@@ -229,7 +229,7 @@ def test_up_runs_everything_on_the_embedded_default(tmp_path: Path) -> None:
     )
     try:
         target = tmp_path / "dispatch-events.jsonl"
-        from dispatch_celery.sample import sample_events
+        from dispatch_celery.cli.sample import sample_events
 
         # the default filter delivers POST requests only
         posts = sum(1 for d in sample_events(200) if b'"Method":"POST"' in d)

@@ -8,9 +8,9 @@ import uuid
 import orjson
 import pytest
 
+from dispatch_celery.cli.sample import event_json
+from dispatch_celery.decode.events import decode_entry, header, header_values, stable_id
 from dispatch_celery.errors import MalformedEventError
-from dispatch_celery.events import decode_entry, header, header_values, stable_id
-from dispatch_celery.sample import event_json
 
 STREAM = "llm-proxy-events"
 ENTRY = "1736937000123-0"

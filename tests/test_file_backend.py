@@ -10,11 +10,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from backends.file import FileBackend
 from dispatch_celery.backend import DeliveryContext, Run
+from dispatch_celery.backends.file import FileBackend
+from dispatch_celery.decode.events import decode_entry
+from dispatch_celery.decode.records import build_record
 from dispatch_celery.errors import ConfigError
-from dispatch_celery.events import decode_entry
-from dispatch_celery.records import build_record
 from dispatch_celery.settings import load_settings
 from tests.harness import event
 

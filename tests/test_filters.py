@@ -6,10 +6,10 @@ import uuid
 
 import pytest
 
+from dispatch_celery.cli.sample import event_json
+from dispatch_celery.decode.events import Event, decode_entry
+from dispatch_celery.decode.filters import EventFilter, in_sample
 from dispatch_celery.errors import ConfigError
-from dispatch_celery.events import Event, decode_entry
-from dispatch_celery.filters import EventFilter, in_sample
-from dispatch_celery.sample import event_json
 from dispatch_celery.settings import Settings
 
 

@@ -13,8 +13,8 @@ import redis
 from click.testing import CliRunner
 
 from dispatch_celery import constants as c
-from dispatch_celery.cli_ops import health
-from dispatch_celery.health import check_health
+from dispatch_celery.cli.ops import health
+from dispatch_celery.ops.health import check_health
 from tests.conftest import free_port
 from tests.harness import bridge, event, jsonl, make, pipeline_env, wait_for, worker, xadd_all
 
@@ -48,11 +48,11 @@ def eviction_policy(r: redis.Redis, policy: str, maxmemory: str) -> Iterator[Non
 
 
 def test_cli_registers_the_operations_commands() -> None:
-    from dispatch_celery.cli import main
+    from dispatch_celery.cli.commands import main
 
     ctx = click.Context(main)
     assert main.get_command(ctx, "health") is health, "cli.py: main.add_command(health)"
-    from dispatch_celery.cli_ops import metrics
+    from dispatch_celery.cli.ops import metrics
 
     assert main.get_command(ctx, "metrics") is metrics, "cli.py: main.add_command(metrics)"
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from backends.helicone import DEFAULT_ENDPOINT, HeliconeBackend
+from dispatch_celery.backends.helicone import DEFAULT_ENDPOINT, HeliconeBackend
 from dispatch_celery.errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
 from dispatch_celery.registry import backend_class
 from dispatch_celery.settings import load_settings

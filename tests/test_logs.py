@@ -14,7 +14,7 @@ import orjson
 import redis
 
 from dispatch_celery import constants as c
-from dispatch_celery.logs import JsonFormatter, Scrubber, TextFormatter, known_secrets
+from dispatch_celery.ops.logs import JsonFormatter, Scrubber, TextFormatter, known_secrets
 from dispatch_celery.settings import load_settings
 from tests.harness import (
     bridge,
@@ -111,7 +111,7 @@ def test_known_secrets_are_the_credential_settings() -> None:
 
 
 def test_configure_logging_json_to_a_stream() -> None:
-    from dispatch_celery.logs import configure_logging
+    from dispatch_celery.ops.logs import configure_logging
 
     out = io.StringIO()
     root = logging.getLogger()
@@ -152,7 +152,7 @@ def test_worker_logs_a_json_line_per_batch_outcome_without_content_or_credential
         stop_proc(proc)
     text = log.read_text()
     lines = [orjson.loads(ln) for ln in text.splitlines() if ln.startswith("{")]
-    batches = [d for d in lines if d["logger"] == "dispatch_celery.tasks"]
+    batches = [d for d in lines if d["logger"] == "dispatch_celery.delivery.task"]
     assert [d["outcome"] for d in batches] == ["retry", "delivered", "dead-lettered"]
     for d in batches:
         assert d["service"] == "flaky" and d["batch_id"] and isinstance(d["duration_ms"], float)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from backends.lunary import DEFAULT_ENDPOINT, LunaryBackend
+from dispatch_celery.backends.lunary import DEFAULT_ENDPOINT, LunaryBackend
 from dispatch_celery.errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
 from dispatch_celery.registry import backend_class
 from dispatch_celery.settings import load_settings

@@ -12,7 +12,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from dispatch_celery import constants as c
-from dispatch_celery.metrics import build_registry, serve
+from dispatch_celery.ops.metrics import build_registry, serve
 from dispatch_celery.settings import Settings, load_settings
 from tests.conftest import free_port
 from tests.harness import bridge, event, jsonl, make, wait_for, worker, xadd_all

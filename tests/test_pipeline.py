@@ -13,15 +13,9 @@ from click.testing import CliRunner
 
 from dispatch_celery import constants as c
 from dispatch_celery import stats
-from dispatch_celery.batches import (
-    BatchStore,
-    Entry,
-    batch_id_for,
-    encode,
-    entry_from_fields,
-    raw_size,
-)
-from dispatch_celery.cli import main
+from dispatch_celery.batches.codec import Entry, batch_id_for, encode, entry_from_fields, raw_size
+from dispatch_celery.batches.state import BatchStore
+from dispatch_celery.cli.commands import main
 from tests.conftest import need_server
 from tests.harness import (
     bridge,

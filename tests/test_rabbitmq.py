@@ -13,7 +13,7 @@ import redis
 
 from dispatch_celery import constants as c
 from dispatch_celery import stats
-from dispatch_celery.status import queue_depth
+from dispatch_celery.ops.status import queue_depth
 from tests.conftest import need_server
 from tests.harness import bridge, event, jsonl, make, wait_for, worker, xadd_all
 

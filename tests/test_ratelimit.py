@@ -12,11 +12,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from backends.helicone import HeliconeBackend
 from dispatch_celery import constants as c
 from dispatch_celery.backend import DeliveryContext
+from dispatch_celery.backends.helicone import HeliconeBackend
+from dispatch_celery.delivery.ratelimit import Rate, RateLimiter, RateLimitWait, parse_rate
 from dispatch_celery.errors import ConfigError, TransientDeliveryError
-from dispatch_celery.ratelimit import Rate, RateLimiter, RateLimitWait, parse_rate
 from dispatch_celery.settings import load_settings
 from tests.conftest import free_port
 from tests.vendor_servers import FakeHelicone, Fault, chat_runs

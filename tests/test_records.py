@@ -11,9 +11,9 @@ import brotli
 import orjson
 import pytest
 
-from dispatch_celery.events import Event, decode_entry
-from dispatch_celery.records import RunRecord, build_record
-from dispatch_celery.sample import event_json
+from dispatch_celery.cli.sample import event_json
+from dispatch_celery.decode.events import Event, decode_entry
+from dispatch_celery.decode.records import RunRecord, build_record
 
 ENTRY = "1736937000123-0"
 MB = 1024 * 1024

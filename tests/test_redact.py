@@ -10,11 +10,11 @@ from typing import Any
 import orjson
 import pytest
 
+from dispatch_celery.cli.sample import event_json, sample_events
+from dispatch_celery.decode.events import decode_entry
+from dispatch_celery.decode.records import RunRecord, build_record
+from dispatch_celery.decode.redact import REDACTED, Redactor
 from dispatch_celery.errors import ConfigError
-from dispatch_celery.events import decode_entry
-from dispatch_celery.records import RunRecord, build_record
-from dispatch_celery.redact import REDACTED, Redactor
-from dispatch_celery.sample import event_json, sample_events
 from dispatch_celery.settings import Settings
 
 OPENAI_KEY = "sk-proj-Ab3dEf6hIj9kLmN0pQrStUvWxYz12345"

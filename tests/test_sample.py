@@ -7,9 +7,9 @@ import uuid
 
 import orjson
 
-from dispatch_celery.events import decode_entry, header
-from dispatch_celery.records import build_record
-from dispatch_celery.sample import event_json, sample_events
+from dispatch_celery.cli.sample import event_json, sample_events
+from dispatch_celery.decode.events import decode_entry, header
+from dispatch_celery.decode.records import build_record
 
 GO_ORDER = [
     "LogID", "RequestID", "Method", "Path", "Status", "Duration", "ResponseHeaders",

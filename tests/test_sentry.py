@@ -22,8 +22,8 @@ from pytest_httpserver import HTTPServer
 
 from dispatch_celery import constants as c
 from dispatch_celery.backend import DeliveryContext, DeliveryReport, Run
-from dispatch_celery.logs import Scrubber
-from dispatch_celery.sentry import EventScrubber, init_sentry
+from dispatch_celery.ops.logs import Scrubber
+from dispatch_celery.ops.sentry import EventScrubber, init_sentry
 from dispatch_celery.settings import Settings, load_settings
 from tests.harness import (
     REPO,
@@ -139,10 +139,10 @@ def test_a_bridge_process_reports_an_unhandled_error_scrubbed(
 ) -> None:
     dsn = _ingest(httpserver)
     script = (
-        "from dispatch_celery.sentry import init_sentry\n"
+        "from dispatch_celery.ops.sentry import init_sentry\n"
         "from dispatch_celery.settings import load_settings\n"
         "assert init_sentry(load_settings(), 'bridge')\n"
-        "import logging; logging.getLogger('dispatch_celery.bridge').error(\n"
+        "import logging; logging.getLogger('dispatch_celery.ingest.bridge').error(\n"
         f"    'cannot reach redis://:redis-password-77@redis:6379/0')\n"
         f"raise RuntimeError('Redis said: token {PLANTED} / key {API_KEY}')\n"
     )
@@ -196,7 +196,7 @@ def test_a_worker_reports_a_backend_failure_scrubbed(
     report = next(e for e in events if e.get("exception"))
     assert report["tags"]["component"] == "worker"
     assert report["exception"]["values"][-1]["type"] == "RuntimeError"
-    assert report["logger"] == "dispatch_celery.delivery"
+    assert report["logger"] == "dispatch_celery.delivery.attempt"
     raw = _raw(httpserver)
     for leaked in (PLANTED, API_KEY, PROMPT, "reply 0"):
         assert leaked not in raw, leaked

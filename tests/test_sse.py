@@ -6,10 +6,10 @@ from typing import Any
 
 import orjson
 
-from dispatch_celery.events import decode_entry
-from dispatch_celery.records import RunRecord, build_record
-from dispatch_celery.sample import event_json
-from dispatch_celery.sse import merge_sse, sse_payloads
+from dispatch_celery.cli.sample import event_json
+from dispatch_celery.decode.events import decode_entry
+from dispatch_celery.decode.records import RunRecord, build_record
+from dispatch_celery.decode.sse import merge_sse, sse_payloads
 
 SSE_HEADERS = {"Content-Type": ["text/event-stream; charset=utf-8"]}
 

@@ -15,9 +15,9 @@ from typing import Any
 import orjson
 import pytest
 
-from dispatch_celery.events import decode_entry, stable_id
-from dispatch_celery.filters import EventFilter
-from dispatch_celery.records import build_record
+from dispatch_celery.decode.events import decode_entry, stable_id
+from dispatch_celery.decode.filters import EventFilter
+from dispatch_celery.decode.records import build_record
 from dispatch_celery.settings import Settings
 from tests.vendor_servers import vectors_path
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Self
 
 from dispatch_celery.backend import DeliveryContext, Run
-from dispatch_celery.events import decode_entry
-from dispatch_celery.records import build_record
+from dispatch_celery.decode.events import decode_entry
+from dispatch_celery.decode.records import build_record
 
 LUNARY_MAX_BODY = 20 * 1024 * 1024
 

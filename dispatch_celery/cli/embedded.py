@@ -21,8 +21,8 @@ from typing import Any
 import redis
 
 from dispatch_celery import stats
+from dispatch_celery.cli.publish import publish_events
 from dispatch_celery.errors import ConfigError
-from dispatch_celery.publish import publish_events
 from dispatch_celery.settings import Settings
 
 STATE_DIR = Path(".dispatch")
@@ -156,7 +156,7 @@ def run_up(
     signal.signal(signal.SIGTERM, on_signal)
 
     if sample:
-        from dispatch_celery.sample import sample_events
+        from dispatch_celery.cli.sample import sample_events
 
         n = publish_events(client, settings.stream, sample_events(sample))
         echo(f"published {n} sample events to {settings.stream}")

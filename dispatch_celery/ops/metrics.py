@@ -53,12 +53,12 @@ from prometheus_client.registry import Collector
 
 from dispatch_celery import stats
 from dispatch_celery.app import create_app
+from dispatch_celery.ops.status import ServiceStatus, known_services, service_status
 from dispatch_celery.registry import installed
 from dispatch_celery.settings import Settings
 from dispatch_celery.stats import Counter
-from dispatch_celery.status import ServiceStatus, known_services, service_status
 
-log = logging.getLogger("dispatch_celery.metrics")
+log = logging.getLogger("dispatch_celery.ops.metrics")
 
 # (metric name without _total, help, stats counter)
 _COUNTERS: tuple[tuple[str, str, Counter], ...] = (

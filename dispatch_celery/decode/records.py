@@ -29,8 +29,8 @@ import time
 from http import HTTPStatus
 from typing import Any, TypedDict, cast
 
-from dispatch_celery import bodies, sse
-from dispatch_celery.events import Event, header, header_values
+from dispatch_celery.decode import bodies, sse
+from dispatch_celery.decode.events import Event, header, header_values
 
 PROVIDER = "openai"
 _USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")

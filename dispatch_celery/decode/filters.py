@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dispatch_celery import constants as c
+from dispatch_celery.decode.events import Event
 from dispatch_celery.errors import ConfigError
-from dispatch_celery.events import Event
 from dispatch_celery.settings import Settings
 
 Decision = Literal["deliver", "filtered", "sampled"]

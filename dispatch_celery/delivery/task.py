@@ -25,11 +25,11 @@ from typing import Any
 from celery import Celery, Task
 
 from dispatch_celery import constants as c
-from dispatch_celery.delivery import Deliverer
+from dispatch_celery.delivery.attempt import Deliverer
 from dispatch_celery.errors import ConfigError
 from dispatch_celery.settings import Settings
 
-log = logging.getLogger("dispatch_celery.tasks")
+log = logging.getLogger("dispatch_celery.delivery.task")
 
 
 def backoff(attempt: int, retry_after: float | None, settings: Settings) -> float:

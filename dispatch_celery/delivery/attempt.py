@@ -22,23 +22,24 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from dispatch_celery import stats
 from dispatch_celery.backend import Backend, DeliveryContext, DeliveryReport, Run
-from dispatch_celery.batches import Batch, BatchStore, Entry
-from dispatch_celery.deadletter import DeadLetters, NewDeadLetter
+from dispatch_celery.batches.codec import Batch, Entry
+from dispatch_celery.batches.state import BatchStore
+from dispatch_celery.decode.events import decode_entry
+from dispatch_celery.decode.filters import EventFilter
+from dispatch_celery.decode.records import build_record
+from dispatch_celery.decode.redact import Redactor
+from dispatch_celery.delivery.deadletters import DeadLetters, NewDeadLetter
+from dispatch_celery.delivery.ratelimit import RateLimiter
 from dispatch_celery.errors import (
     MalformedEventError,
     PermanentDeliveryError,
     TransientDeliveryError,
 )
-from dispatch_celery.events import decode_entry
-from dispatch_celery.filters import EventFilter
-from dispatch_celery.ratelimit import RateLimiter
-from dispatch_celery.records import build_record
-from dispatch_celery.redact import Redactor
 from dispatch_celery.registry import create_backend
 from dispatch_celery.settings import Settings
 from dispatch_celery.stats import Counter
 
-log = logging.getLogger("dispatch_celery.delivery")
+log = logging.getLogger("dispatch_celery.delivery.attempt")
 
 
 @dataclass

@@ -46,8 +46,8 @@ from typing import Any, cast
 
 import orjson
 
-from dispatch_celery.bodies import ContentDecodingError, content_encodings, decode_content
-from dispatch_celery.credentials import (
+from dispatch_celery.decode.bodies import ContentDecodingError, content_encodings, decode_content
+from dispatch_celery.decode.credentials import (
     DEFAULT_HEADERS,
     DEFAULT_KEYS,
     REDACTED,
@@ -56,9 +56,9 @@ from dispatch_celery.credentials import (
     replacement,
     shortest_match,
 )
+from dispatch_celery.decode.events import Event
+from dispatch_celery.decode.records import RunRecord
 from dispatch_celery.errors import ConfigError
-from dispatch_celery.events import Event
-from dispatch_celery.records import RunRecord
 from dispatch_celery.settings import Settings
 
 __all__ = ["DEFAULT_HEADERS", "DEFAULT_KEYS", "PATTERN_SEPARATOR", "REDACTED", "Redactor"]

@@ -39,7 +39,7 @@ from sentry_sdk.integrations.modules import ModulesIntegration
 from sentry_sdk.integrations.threading import ThreadingIntegration
 from sentry_sdk.types import Breadcrumb, BreadcrumbHint, Event, Hint
 
-from dispatch_celery.logs import Scrubber, known_secrets
+from dispatch_celery.ops.logs import Scrubber, known_secrets
 from dispatch_celery.settings import Settings
 
 MAX_STRING = 512  # characters kept of one string in a report

@@ -29,8 +29,7 @@ import redis
 
 from dispatch_celery import constants as c
 from dispatch_celery import stats
-from dispatch_celery.batches import (
-    BatchStore,
+from dispatch_celery.batches.codec import (
     Entry,
     batch_id_for,
     decode,
@@ -38,12 +37,13 @@ from dispatch_celery.batches import (
     entry_from_fields,
     raw_size,
 )
-from dispatch_celery.enqueue import Enqueuer
+from dispatch_celery.batches.state import BatchStore
+from dispatch_celery.ingest.enqueue import Enqueuer
+from dispatch_celery.ingest.streams import StreamAdmin
 from dispatch_celery.settings import Settings
 from dispatch_celery.stats import Counter
-from dispatch_celery.streamcheck import StreamAdmin
 
-log = logging.getLogger("dispatch_celery.bridge")
+log = logging.getLogger("dispatch_celery.ingest.bridge")
 
 HOUSEKEEPING_EVERY_S = 5.0
 PAUSE_SLEEP_S = 0.25

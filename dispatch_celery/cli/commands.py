@@ -14,7 +14,7 @@ import click
 import orjson
 import redis
 
-from dispatch_celery.cli_common import ConfigFail, settings_or_fail
+from dispatch_celery.cli.common import ConfigFail, settings_or_fail
 from dispatch_celery.errors import ConfigError, DispatchError
 from dispatch_celery.settings import Settings, redact_url, validate_service
 
@@ -73,11 +73,11 @@ def bridge(
 ) -> None:
     """Read the stream with a consumer group and enqueue delivery tasks."""
     from dispatch_celery.app import create_app
-    from dispatch_celery.bridge import Bridge
-    from dispatch_celery.daemonize import check_pidfile
-    from dispatch_celery.daemonize import detach as enter_daemon
-    from dispatch_celery.enqueue import Enqueuer
-    from dispatch_celery.logs import configure_logging
+    from dispatch_celery.cli.daemonize import check_pidfile
+    from dispatch_celery.cli.daemonize import detach as enter_daemon
+    from dispatch_celery.ingest.bridge import Bridge
+    from dispatch_celery.ingest.enqueue import Enqueuer
+    from dispatch_celery.ops.logs import configure_logging
 
     try:
         settings = settings_or_fail().with_overrides(
@@ -105,8 +105,8 @@ def bridge(
         ctx = None
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
-    from dispatch_celery.logs import known_secrets
-    from dispatch_celery.sentry import init_sentry
+    from dispatch_celery.ops.logs import known_secrets
+    from dispatch_celery.ops.sentry import init_sentry
 
     configure_logging(settings.log_level, settings.log_format, secrets=known_secrets(settings))
     init_sentry(settings, "bridge")
@@ -126,7 +126,7 @@ def bridge(
 @click.option("--timeout", type=float, default=30.0, show_default=True)
 def stop(pidfile: Path, timeout: float) -> None:
     """Stop a detached bridge gracefully (SIGTERM, then wait)."""
-    from dispatch_celery.daemonize import stop as stop_pid
+    from dispatch_celery.cli.daemonize import stop as stop_pid
 
     try:
         click.echo(stop_pid(pidfile, timeout))
@@ -155,8 +155,8 @@ def backends() -> None:
 def status(services: tuple[str, ...], as_json: bool) -> None:
     """Per service: stream length, lag, pending, in flight, queue, dead letters, trimmed."""
     from dispatch_celery.app import create_app
+    from dispatch_celery.ops.status import known_services, service_status
     from dispatch_celery.registry import installed
-    from dispatch_celery.status import known_services, service_status
 
     settings = settings_or_fail()
     client = _client(settings)
@@ -207,7 +207,7 @@ def dlq() -> None:
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def dlq_list(service: str, limit: int, as_json: bool) -> None:
-    from dispatch_celery.deadletter import DeadLetters
+    from dispatch_celery.delivery.deadletters import DeadLetters
 
     client = _client(settings_or_fail())
     letters = list(DeadLetters(client, validate_service(service)).iter(limit))
@@ -225,7 +225,7 @@ def dlq_list(service: str, limit: int, as_json: bool) -> None:
 @click.option("--service", required=True)
 @click.argument("dlq_id")
 def dlq_show(service: str, dlq_id: str) -> None:
-    from dispatch_celery.deadletter import DeadLetters
+    from dispatch_celery.delivery.deadletters import DeadLetters
 
     client = _client(settings_or_fail())
     d = DeadLetters(client, validate_service(service)).get(dlq_id)
@@ -240,8 +240,8 @@ def dlq_show(service: str, dlq_id: str) -> None:
 def dlq_replay(service: str, ids: tuple[str, ...]) -> None:
     """Put dead letters (all, or the given ids) back through delivery."""
     from dispatch_celery.app import create_app
-    from dispatch_celery.deadletter import DeadLetters
-    from dispatch_celery.enqueue import Enqueuer
+    from dispatch_celery.delivery.deadletters import DeadLetters
+    from dispatch_celery.ingest.enqueue import Enqueuer
 
     settings = settings_or_fail()
     client = _client(settings)
@@ -258,7 +258,7 @@ def dlq_replay(service: str, ids: tuple[str, ...]) -> None:
 @click.argument("ids", nargs=-1)
 def dlq_purge(service: str, yes: bool, ids: tuple[str, ...]) -> None:
     """Delete dead letters (all, or the given ids) for good."""
-    from dispatch_celery.deadletter import DeadLetters
+    from dispatch_celery.delivery.deadletters import DeadLetters
 
     client = _client(settings_or_fail())
     dl = DeadLetters(client, validate_service(service))
@@ -279,14 +279,14 @@ def dlq_purge(service: str, yes: bool, ids: tuple[str, ...]) -> None:
 @click.option("--maxlen", type=click.IntRange(min=1), help="Trim like llm-proxy (MAXLEN ~N).")
 def publish(sample: int | None, source: Path | None, maxlen: int | None) -> None:
     """Write events into the stream, like llm-proxy does."""
-    from dispatch_celery.publish import publish_archive, publish_events
+    from dispatch_celery.cli.publish import publish_archive, publish_events
 
     if (sample is None) == (source is None):
         raise click.UsageError("give exactly one of --sample N or --from FILE")
     settings = settings_or_fail()
     client = _client(settings)
     if sample is not None:
-        from dispatch_celery.sample import sample_events
+        from dispatch_celery.cli.sample import sample_events
 
         n = publish_events(client, settings.stream, sample_events(sample), maxlen=maxlen)
         click.echo(f"published {n} sample events to {settings.stream}")
@@ -308,7 +308,7 @@ def publish(sample: int | None, source: Path | None, maxlen: int | None) -> None
 def up(service: str, sample: int, no_flower: bool) -> None:
     """Run everything locally: embedded Redis (unless DISPATCH_REDIS_URL), bridge, worker,
     Flower. Ctrl-C stops it all."""
-    from dispatch_celery.embedded import run_up
+    from dispatch_celery.cli.embedded import run_up
 
     settings = settings_or_fail()
     _service(service, settings)
@@ -327,7 +327,7 @@ def up(service: str, sample: int, no_flower: bool) -> None:
 
 
 def _register_operations() -> None:
-    from dispatch_celery.cli_ops import health, metrics
+    from dispatch_celery.cli.ops import health, metrics
 
     main.add_command(metrics)
     main.add_command(health)

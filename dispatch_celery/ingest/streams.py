@@ -12,7 +12,7 @@ import redis
 from dispatch_celery import constants as c
 from dispatch_celery.errors import StreamError
 
-log = logging.getLogger("dispatch_celery.bridge")
+log = logging.getLogger("dispatch_celery.ingest.bridge")
 
 # KEYS: stream, stats hash, trim-cursor hash.  ARGV: group.
 # Returns {code, detail}: code >= 0 is the number of newly counted trimmed-unread entries,

@@ -17,7 +17,7 @@ from typing import Any
 import click
 import orjson
 
-from dispatch_celery.cli_common import ConfigFail, settings_or_fail
+from dispatch_celery.cli.common import ConfigFail, settings_or_fail
 from dispatch_celery.errors import ConfigError
 from dispatch_celery.settings import validate_service
 
@@ -50,8 +50,8 @@ def _services(names: tuple[str, ...]) -> list[str]:
 def metrics(port: int | None, address: str, services: tuple[str, ...]) -> None:
     """Serve Prometheus metrics (cluster-wide, read from Redis at scrape time)."""
     # Imported per command, like cli.py does: `dispatch --help` stays fast.
-    from dispatch_celery.logs import configure_logging, known_secrets
-    from dispatch_celery.metrics import serve
+    from dispatch_celery.ops.logs import configure_logging, known_secrets
+    from dispatch_celery.ops.metrics import serve
 
     settings = settings_or_fail()
     chosen = _services(services)
@@ -101,7 +101,7 @@ def health(
     """Check Redis, its eviction policy, bridges, workers, lag and dead letters.
 
     Exit code 0 when healthy, 1 when a check failed, 2 on bad configuration."""
-    from dispatch_celery.health import check_health
+    from dispatch_celery.ops.health import check_health
 
     settings = settings_or_fail()
     try:

@@ -14,9 +14,9 @@ from kombu.exceptions import ChannelError
 
 from dispatch_celery import constants as c
 from dispatch_celery import stats
-from dispatch_celery.batches import BatchStore
+from dispatch_celery.batches.state import BatchStore
 
-log = logging.getLogger("dispatch_celery.status")
+log = logging.getLogger("dispatch_celery.ops.status")
 
 
 @dataclass

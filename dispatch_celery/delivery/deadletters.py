@@ -16,8 +16,9 @@ from typing import Any, cast
 import redis
 
 from dispatch_celery import constants as c
-from dispatch_celery.batches import BatchStore, Entry, encode, raw_size
-from dispatch_celery.enqueue import Enqueuer
+from dispatch_celery.batches.codec import Entry, encode, raw_size
+from dispatch_celery.batches.state import BatchStore
+from dispatch_celery.ingest.enqueue import Enqueuer
 
 
 @dataclass(frozen=True, slots=True)

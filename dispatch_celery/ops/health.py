@@ -37,8 +37,8 @@ from celery import Celery
 from dispatch_celery import constants as c
 from dispatch_celery.app import create_app
 from dispatch_celery.errors import ConfigError
+from dispatch_celery.ops.status import bridges, known_services, service_status
 from dispatch_celery.settings import Settings, redact_url
-from dispatch_celery.status import bridges, known_services, service_status
 
 CHECKS = ("redis", "eviction", "bridges", "workers", "lag", "dead-letters")
 DEFAULT_MAX_LAG = 5000

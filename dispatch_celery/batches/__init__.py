@@ -1,0 +1,1 @@
+"""Batches: the blob codec (``codec``) and the Redis state of each batch (``state``)."""

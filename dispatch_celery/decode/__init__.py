@@ -1,0 +1,1 @@
+"""Decode: stream entry -> Event -> run record (bodies, SSE merge, redaction, filters)."""

@@ -1,0 +1,1 @@
+"""Delivery: the deliver task, one attempt, rate limiting, dead letters."""

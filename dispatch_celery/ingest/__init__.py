@@ -1,0 +1,1 @@
+"""Ingest: stream -> batches -> tasks (the bridge, task publishing, stream checks)."""

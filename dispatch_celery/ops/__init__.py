@@ -1,0 +1,1 @@
+"""Operations: status, health, metrics, logs, Sentry."""
