@@ -86,6 +86,10 @@ class DeliveryReport:
     rejected: dict[str, str] = field(default_factory=dict)  # run id -> reason (permanent)
     deferred: dict[str, str] = field(default_factory=dict)  # run id -> reason (transient)
     retry_after: float | None = None  # server's hint for the deferred runs
+    # Set when the receiver refused our credentials (401/403, a redirect to a login page)
+    # part-way: the message names the variable to fix. Runs already delivered stay
+    # delivered; the others are listed in ``deferred`` and the core pauses the service.
+    credentials_refused: str | None = None
 
 
 def _no_wait(cost: int = 1) -> None:
@@ -106,6 +110,9 @@ class DeliveryContext:
     max_attempts: int
     acquire: Callable[[int], None] = _no_wait  # blocks until the shared rate limit allows
     slow_down: Callable[[float], None] = _no_slow_down  # all workers pause (vendor 429)
+    # The service is coming back from an outage or a credentials pause: send one request
+    # first, and when it fails transiently (or is refused) defer the rest without sending.
+    probe: bool = False
 
 
 @runtime_checkable

@@ -9,8 +9,9 @@
     +-- MalformedEventError         an entry that cannot be decoded (dead-lettered with reason)
     +-- DeliveryError               raised by backends, classified; the core owns retry policy
         +-- TransientDeliveryError  timeouts, connection errors, 408, 429, 5xx: retried with backoff
-        +-- PermanentDeliveryError  bad credentials or a batch the backend will never accept:
-                                    dead-lettered at once
+        +-- PermanentDeliveryError  a batch the backend will never accept: dead-lettered at once
+        +-- CredentialsError        the receiver refused our credentials (or the endpoint is
+                                    misconfigured): the service pauses, nothing dead-letters
 
 Backends translate their HTTP library's and vendor's exceptions into ``DeliveryError``
 subclasses at one boundary; nothing else escapes a backend.
@@ -57,3 +58,12 @@ class TransientDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """Retrying cannot help (bad credentials, payload refused); dead-letter the batch."""
+
+
+class CredentialsError(DeliveryError):
+    """The receiver refused our credentials (401/403) or the endpoint is misconfigured.
+
+    Nothing of the batch was delivered. The core pauses the service instead of
+    dead-lettering: batches stay in flight, a periodic probe resumes delivery once the
+    credentials work again. The message names the variable to fix and never the secret.
+    """
