@@ -6,26 +6,34 @@ Durability and exactly-once appends, also with many worker processes on one file
   exclusive ``flock`` on ``<path>.lock``, so lines of concurrent workers never interleave.
 * The data is ``fsync``ed before ``deliver`` returns.
 * A journal ``<path>.batches`` records, before each append, the batch id, the digest of
-  its bytes and the offset they go to. A retried batch whose bytes are already in place is
-  not appended again (a worker may die after the fsync, before the task is acknowledged).
+  its bytes, the file they go to (device and inode) and the offset. A retried batch whose
+  bytes are already in place is not appended again (a worker may die after the fsync,
+  before the task is acknowledged), also when the file was rotated in between: the journal
+  stays where it is and the inode finds the rotated file.
+* A failed append (disk full: ``ENOSPC``/``EDQUOT``, an I/O error) is cut back to the size
+  the file had before it, so no torn or partial line remains, and raises a transient error:
+  the batch is retried and goes in once space is freed.
 * A torn tail (a crash in the middle of a write) is cut back to the last newline under the
   lock, before the next append: that batch was never reported delivered and will be
   retried, so readers never see a partial line for long and never a partial line inside.
-* ``DISPATCH_FILE_ROTATE_BYTES``: rotate to ``<path>.1`` (older ones shift) when the next
-  append would cross the size.
+* ``DISPATCH_FILE_ROTATE_BYTES``: rotate to ``<path>.1`` (older ones shift, 5 kept) when the
+  next append would cross the size; 0 (the default) never rotates.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import ClassVar
 
 import orjson
 
+from dispatch_celery import constants as c
 from dispatch_celery.backend import DeliveryContext, DeliveryReport, Run
 from dispatch_celery.errors import ConfigError, TransientDeliveryError
 from dispatch_celery.settings import Settings
@@ -33,12 +41,13 @@ from dispatch_celery.settings import Settings
 JOURNAL_TAIL_BYTES = 256 * 1024  # how far back a retry looks for its batch
 JOURNAL_MAX_BYTES = 4 * 1024 * 1024  # the journal is compacted beyond this
 ROTATE_KEEP = 5
+_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 class FileBackend:
     name: ClassVar[str] = "file"
 
-    def __init__(self, path: Path, fmt: str = "record", rotate_bytes: int = 0) -> None:
+    def __init__(self, path: Path, fmt: str = c.DEFAULT_FILE_FORMAT, rotate_bytes: int = 0) -> None:
         self.path = path
         self.format = fmt
         self.rotate_bytes = rotate_bytes
@@ -47,29 +56,20 @@ class FileBackend:
 
     @classmethod
     def from_settings(cls, service: str, settings: Settings) -> FileBackend:
-        path = Path(settings.option(service, "PATH", "./dispatch-events.jsonl") or "")
-        fmt = (settings.option(service, "FORMAT", "record") or "record").lower()
+        path_var = settings.option_name(service, "PATH")
+        path = Path(settings.option(service, "PATH", c.DEFAULT_FILE_PATH) or "")
+        fmt = (settings.option(service, "FORMAT", c.DEFAULT_FILE_FORMAT) or "").lower()
         if fmt not in ("record", "raw"):
             raise ConfigError(
                 f"{settings.option_name(service, 'FORMAT')} must be 'record' or 'raw', got {fmt!r}"
             )
-        rotate_raw = settings.option(service, "ROTATE_BYTES", "0") or "0"
-        if not rotate_raw.isdigit():
-            raise ConfigError(
-                f"{settings.option_name(service, 'ROTATE_BYTES')} must be a number of bytes "
-                f"(0 = never rotate), got {rotate_raw!r}"
-            )
+        rotate_bytes = settings.positive_int(service, "ROTATE_BYTES", 0, zero_ok=True)
         parent = path.resolve().parent
         if not parent.is_dir():
-            raise ConfigError(
-                f"{settings.option_name(service, 'PATH')}: directory {str(parent)!r} does not exist"
-            )
+            raise ConfigError(f"{path_var}: directory {str(parent)!r} does not exist")
         if not os.access(parent, os.W_OK):
-            raise ConfigError(
-                f"{settings.option_name(service, 'PATH')}: directory {str(parent)!r} "
-                "is not writable"
-            )
-        return cls(path, fmt, int(rotate_raw))
+            raise ConfigError(f"{path_var}: directory {str(parent)!r} is not writable")
+        return cls(path, fmt, rotate_bytes)
 
     def line(self, run: Run) -> bytes:
         if self.format == "raw":
@@ -90,7 +90,10 @@ class FileBackend:
         try:
             self._append_once(tag, digest, payload)
         except OSError as exc:  # disk full, permissions changed, ...: retry later
-            raise TransientDeliveryError(f"cannot append to {self.path}: {exc.strerror}") from exc
+            why = exc.strerror or type(exc).__name__
+            if exc.errno in _FULL:
+                why += " (the file system is full: the batch is retried once space is freed)"
+            raise TransientDeliveryError(f"cannot append to {self.path}: {why}") from exc
         return DeliveryReport()
 
     def close(self) -> None:
@@ -98,31 +101,48 @@ class FileBackend:
 
     # --- internals ---------------------------------------------------------------------
 
+    def _open(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+
     def _append_once(self, tag: str, digest: str, payload: bytes) -> None:
         with open(self.lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+                fd = self._open()
                 try:
                     size = self._cut_torn_tail(fd)
-                    if self._already_written(fd, size, tag, digest, len(payload)):
+                    if self._already_written(tag, digest, len(payload)):
                         return
                     if self.rotate_bytes and size and size + len(payload) > self.rotate_bytes:
                         os.close(fd)
                         fd = -1
                         self._rotate()
-                        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+                        fd = self._open()
                         size = 0
-                    self._journal(f"{tag} {digest} {size} {len(payload)}\n")
-                    written = os.write(fd, payload)
-                    while written < len(payload):  # only on odd filesystems; still one lock
-                        written += os.write(fd, payload[written:])
-                    os.fdatasync(fd)
+                    st = os.fstat(fd)
+                    self._journal(f"{tag} {digest} {st.st_dev}:{st.st_ino} {size} {len(payload)}\n")
+                    self._write(fd, size, payload)
                 finally:
                     if fd >= 0:
                         os.close(fd)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _write(fd: int, size: int, payload: bytes) -> None:
+        """Append and sync, or leave the file exactly as it was (``size`` bytes)."""
+        try:
+            written = os.write(fd, payload)
+            while written < len(payload):  # a short write: the disk filled up part-way
+                written += os.write(fd, payload[written:])
+            os.fdatasync(fd)
+        except OSError:
+            # No partial batch may stay behind: its complete lines would be appended again
+            # by the retry (duplicates), its last line would be torn.
+            with suppress(OSError):
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            raise
 
     def _cut_torn_tail(self, fd: int) -> int:
         size = os.fstat(fd).st_size
@@ -135,7 +155,23 @@ class FileBackend:
         os.fsync(fd)
         return keep
 
-    def _already_written(self, fd: int, size: int, tag: str, digest: str, length: int) -> bool:
+    def _files(self) -> list[Path]:
+        return [self.path] + [
+            self.path.with_name(f"{self.path.name}.{i}") for i in range(1, ROTATE_KEEP + 1)
+        ]
+
+    def _find(self, where: bytes) -> Path | None:
+        """The data file (current or rotated) with this ``dev:ino``."""
+        for candidate in self._files():
+            try:
+                st = candidate.stat()
+            except FileNotFoundError:
+                continue
+            if f"{st.st_dev}:{st.st_ino}".encode() == where:
+                return candidate
+        return None
+
+    def _already_written(self, tag: str, digest: str, length: int) -> bool:
         try:
             with open(self.journal_path, "rb") as j:
                 j.seek(0, os.SEEK_END)
@@ -148,12 +184,18 @@ class FileBackend:
         for line in reversed(tail.splitlines()):
             if not line.startswith(needle):
                 continue
-            offset, n = (int(x) for x in line[len(needle) :].split())
-            if n == length and offset + n <= size:
-                chunk = os.pread(fd, n, offset)
-                if hashlib.blake2b(chunk, digest_size=16).hexdigest() == digest:
-                    return True
-            return False
+            fields = line[len(needle) :].split()
+            if len(fields) == 2:  # written before the journal named files: the current one
+                fields.insert(0, b"")
+            if len(fields) != 3 or not (fields[1].isdigit() and fields[2].isdigit()):
+                continue  # a torn or foreign line
+            where, offset, n = fields[0], int(fields[1]), int(fields[2])
+            target = self._find(where) if where else self.path
+            if n != length or target is None:
+                return False  # rotated out of reach: appending again beats losing it
+            with open(target, "rb") as data:
+                chunk = os.pread(data.fileno(), n, offset)
+            return hashlib.blake2b(chunk, digest_size=16).hexdigest() == digest
         return False
 
     def _journal(self, line: str) -> None:
@@ -165,8 +207,22 @@ class FileBackend:
         # Not fsynced: the journal must reach the page cache before the data (a killed
         # process loses neither), but only the data must survive a power cut; losing the
         # journal line then costs at worst one duplicate batch on retry, never an event.
-        with open(self.journal_path, "ab") as j:
-            j.write(line.encode())
+        fd = os.open(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            data = line.encode()
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # a torn line (a crash mid-write) stays a line of its own
+            try:
+                written = os.write(fd, data)
+                if written < len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                with suppress(OSError):
+                    os.ftruncate(fd, size)  # no torn journal line either
+                raise
+        finally:
+            os.close(fd)
 
     def _compact_journal(self) -> None:
         with open(self.journal_path, "rb") as j:
@@ -174,17 +230,17 @@ class FileBackend:
             tail = j.read()
         tail = tail[tail.find(b"\n") + 1 :]
         tmp = self.journal_path.with_name(self.journal_path.name + ".tmp")
-        tmp.write_bytes(tail)
-        os.replace(tmp, self.journal_path)
+        try:
+            tmp.write_bytes(tail)
+            os.replace(tmp, self.journal_path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _rotate(self) -> None:
+        # The journal stays: its lines name the data file by inode, which a rename keeps,
+        # so a batch retried right after the rotation is still found in ``<path>.1``.
         for i in range(ROTATE_KEEP - 1, 0, -1):
             src = self.path.with_name(f"{self.path.name}.{i}")
             if src.exists():
                 os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        # offsets in the journal refer to the old file; start a new one
-        if self.journal_path.exists():
-            os.replace(
-                self.journal_path, self.journal_path.with_name(self.journal_path.name + ".1")
-            )

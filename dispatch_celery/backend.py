@@ -6,7 +6,10 @@ the entry-point group ``dispatch_celery.backends``::
     [project.entry-points."dispatch_celery.backends"]
     mybackend = "my_package.module:MyBackend"
 
-and is imported only when a worker or bridge for that service starts. The class must offer
+and is imported only when a worker or bridge for that service starts. An HTTP backend
+subclasses ``dispatch_celery.backends.http.HttpBackend`` and supplies only the vendor
+mapping (encode, auth, per-run outcomes): the toolkit's send loop keeps the contract below.
+Any other class must offer
 
 * ``from_settings(service, settings) -> instance`` (classmethod): read options through
   ``settings.option(service, "API_KEY")`` (i.e. ``DISPATCH_<SERVICE>_API_KEY``) and raise
@@ -17,16 +20,24 @@ and is imported only when a worker or bridge for that service starts. The class 
 Contract of ``deliver``:
 
 * Raise ``TransientDeliveryError(retry_after=...)`` when nothing could be delivered and a
-  later attempt may succeed (timeouts, connection errors, 408, 429, 5xx), and
-  ``PermanentDeliveryError`` when the whole call will never succeed (bad credentials).
+  later attempt may succeed (timeouts, connection errors, 408, 429, 5xx);
+  ``CredentialsError`` when the receiver refused the credentials (401/403) or the endpoint
+  is wrong (a redirect) and nothing was delivered: the service pauses, nothing is
+  dead-lettered; ``PermanentDeliveryError`` when the whole batch will never be accepted.
 * Otherwise return a ``DeliveryReport``: every run not named in it counts as delivered;
   ``rejected`` names runs refused for good (dead-lettered alone, with the reason);
-  ``deferred`` names runs that failed transiently (only those are retried).
+  ``deferred`` names runs that failed transiently (only those are retried). Credentials
+  refused part-way: the runs already delivered stay unnamed, the rest go in ``deferred``,
+  and ``credentials_refused`` says which variable to fix.
 * Be idempotent per run id: a retried or replayed run carries the same ``record["id"]``.
 * Never put credentials in exception messages or reasons; translate the HTTP library's
   and the vendor's exceptions here, at this boundary.
 * Call ``ctx.acquire()`` before each request when the backend is rate limited, and
   ``ctx.slow_down(seconds)`` when the vendor answered 429.
+* With ``ctx.probe`` (the service is coming back from an outage or a pause), send one
+  request first; when it fails transiently or is refused, defer the rest unsent.
+* Bound each request by a total deadline (a server that drips a byte a second must not
+  hold it) and the whole call by a share of the task's time limit.
 
 The core owns everything else: decoding, filtering, redaction, size caps, retries with
 backoff and jitter, dead-lettering, counting.

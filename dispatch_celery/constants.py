@@ -16,13 +16,23 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_BATCH_SIZE = 100  # events per batch / task
 DEFAULT_FLUSH_INTERVAL_S = 1.0  # a partial batch is flushed after this long
 DEFAULT_READ_COUNT = 500  # entries per XREADGROUP call
-DEFAULT_MAX_ATTEMPTS = 8  # delivery attempts before a batch's remaining runs are dead-lettered
 DEFAULT_VISIBILITY_TIMEOUT_S = 300  # broker redelivers an unacknowledged task after this
 DEFAULT_TASK_TIME_LIMIT_S = 120  # hard limit of one delivery attempt
 DEFAULT_RETRY_BASE_DELAY_S = 2.0  # first backoff step
-DEFAULT_RETRY_MAX_DELAY_S = 120.0  # cap of one backoff step (also caps Retry-After)
-DEFAULT_HIGH_WATER_BATCHES = 200  # bridge pauses reading above this many batches in flight
-DEFAULT_HIGH_WATER_BYTES = 256 * 1024 * 1024  # ... or above this many raw bytes in flight
+DEFAULT_RETRY_MAX_DELAY_S = 300.0  # cap of one backoff step (waits are out of the broker)
+DEFAULT_RETRY_BUDGET_S = 3600.0  # attempts without progress for this long: dead-letter
+DEFAULT_MAX_CRASHES = 5  # attempts in a row that never ended (worker killed): dead-letter
+DEFAULT_CREDENTIALS_PROBE_INTERVAL_S = 30.0  # a paused service is probed this often
+DEFAULT_QUEUE_LEASE_S = 300.0  # a published batch whose task has not begun by then is re-published
+# The in-flight buffer is what holds a vendor outage (llm-proxy trims its stream to ~10,000
+# entries). Sizing: a 1-hour outage at 1,000 events/s of ~8 KB is 3.6 M events, ~29 GB raw,
+# 36,000 full batches of 100; blobs are zstd-compressed (~8.7x measured on the sample
+# events, see benchmarks/compression.py), ~3.3 GB in Redis. Redis needs that much memory
+# free (maxmemory above it, with room for the streams): `dispatch health` checks it.
+DEFAULT_HIGH_WATER_BATCHES = 50_000  # bridge pauses reading above this many batches in flight
+DEFAULT_HIGH_WATER_BYTES = 4 * 1024**3  # ... or above this many compressed bytes in Redis
+DEFAULT_DEADLETTER_MAX_LEN = 100_000  # dead-letter stream bound (exact; overflow counted)
+DEFAULT_STREAM_RESCAN_S = 30.0  # a glob DISPATCH_STREAM is re-resolved (SCAN) this often
 DEFAULT_CLAIM_IDLE_S = 60.0  # entries idle this long in a dead consumer's PEL are claimed
 DEFAULT_STAGED_RECOVERY_S = 15.0  # a staged batch older than this lost its bridge
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024  # cap of one run's input and of its output
@@ -31,6 +41,10 @@ DEFAULT_FILE_FORMAT = "record"
 DEFAULT_METRICS_PORT = 9808
 DEFAULT_METHODS = ("POST",)
 HEARTBEAT_TTL_S = 30  # a bridge that has not beaten for this long is dead
+# The checks of `dispatch health` (names users pass to --only), in report order.
+HEALTH_CHECKS = (
+    "redis", "eviction", "bridges", "workers", "lag", "dead-letters", "buffer", "paused",
+)  # fmt: skip
 
 # --- Celery -------------------------------------------------------------------------------
 TASK_DELIVER = "dispatch.deliver"
@@ -60,18 +74,27 @@ def batch_done_key(service: str, batch_id: str) -> str:
 
 
 def staged_key(service: str) -> str:
-    """ZSET batch_id -> staging time (s): blob stored, task not yet confirmed by the broker."""
+    """HASH batch_id -> "<bridge consumer>|<staging time (s)>": blob stored, task not yet
+    confirmed by the broker (the bridge that restarts re-publishes its own at once)."""
     return f"{PREFIX}:staged:{service}"
 
 
 def inflight_key(service: str) -> str:
-    """HASH batch_id -> raw bytes: task enqueued, batch not yet finished."""
+    """HASH batch_id -> "<compressed bytes> <raw bytes>" (a plain number from an earlier
+    version counts as both): stored by a bridge, not yet finished (delivered or
+    dead-lettered). HLEN is the number of batches in flight."""
     return f"{PREFIX}:inflight:{service}"
 
 
 def inflight_bytes_key(service: str) -> str:
-    """Counter of the raw bytes of all batches in ``inflight_key``."""
+    """Counter of the compressed bytes (blob sizes) of all batches in ``inflight_key``: what
+    ``DISPATCH_HIGH_WATER_BYTES`` limits."""
     return f"{PREFIX}:inflight-bytes:{service}"
+
+
+def inflight_raw_bytes_key(service: str) -> str:
+    """Counter of the raw (uncompressed event) bytes of all batches in ``inflight_key``."""
+    return f"{PREFIX}:inflight-raw-bytes:{service}"
 
 
 def deadletter_key(service: str) -> str:
@@ -108,17 +131,62 @@ def ratelimit_pause_key(service: str) -> str:
     return f"{PREFIX}:ratelimit-pause:{service}"
 
 
-def batch_attempts_key(service: str, batch_id: str) -> str:
-    """Counter of delivery attempts of a batch, across retries *and* worker crashes."""
-    return f"{PREFIX}:batch-attempts:{service}:{batch_id}"
+def batch_state_key(service: str, batch_id: str) -> str:
+    """HASH of a batch's retry state (``delivery.retry``): attempts and crashes without
+    progress, budget spent, whether an attempt is running; counted across worker crashes."""
+    return f"{PREFIX}:batch-state:{service}:{batch_id}"
+
+
+def batch_lease_key(service: str, batch_id: str) -> str:
+    """Lock (SET NX PX) held by the attempt running a batch: a concurrent copy does nothing."""
+    return f"{PREFIX}:batch-lease:{service}:{batch_id}"
+
+
+def due_key(service: str) -> str:
+    """ZSET batch_id -> unix time (s) at which a bridge must (re)publish the batch, unless it
+    finished or the time was moved: the one recovery index of every batch in flight."""
+    return f"{PREFIX}:due:{service}"
+
+
+def tickets_key(service: str) -> str:
+    """HASH batch_id -> token of the one task copy allowed to run the batch (the last
+    published); any other copy is stale and does nothing."""
+    return f"{PREFIX}:tickets:{service}"
+
+
+def parked_key(service: str) -> str:
+    """ZSET batch_id -> parking time: batches waiting for the outage gate or the credentials
+    pause to lift; the attempt that finds the service working again wakes them."""
+    return f"{PREFIX}:parked:{service}"
+
+
+def gate_key(service: str) -> str:
+    """HASH until, delay, reason: the outage gate; while closed, attempts do not send."""
+    return f"{PREFIX}:gate:{service}"
+
+
+def gate_probe_key(service: str) -> str:
+    """Lock (SET NX PX) of the one attempt probing the service at the gate's end."""
+    return f"{PREFIX}:gate-probe:{service}"
+
+
+def pause_key(service: str) -> str:
+    """HASH reason, since: the service refused our credentials and is paused."""
+    return f"{PREFIX}:paused:{service}"
+
+
+def pause_probe_key(service: str) -> str:
+    """Lock (SET NX PX probe interval) of the one attempt probing a paused service."""
+    return f"{PREFIX}:paused-probe:{service}"
 
 
 def trim_cursor_key(service: str) -> str:
-    """HASH group -> "<last-delivered id>|<count>": trimmed entries already counted."""
+    """HASH "<group>|<stream>" -> "<last-delivered id>|<count>": trimmed entries already
+    counted (an earlier version's field was "<group>")."""
     return f"{PREFIX}:trim-cursor:{service}"
 
 
-def touched_key(service: str) -> str:
-    """ZSET batch_id -> time (s) its last attempt began; a batch untouched for longer than
-    any retry could wait has lost its task, and the bridge re-publishes it."""
-    return f"{PREFIX}:touched:{service}"
+def trimmed_streams_key(service: str) -> str:
+    """HASH stream -> entries the producer trimmed from it before the group read them (the
+    per-stream share of ``Counter.TRIMMED_UNREAD``)."""
+    return f"{PREFIX}:trimmed:{service}"

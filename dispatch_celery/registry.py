@@ -15,7 +15,7 @@ from importlib.metadata import EntryPoint, entry_points
 
 from dispatch_celery.backend import Backend
 from dispatch_celery.errors import BackendNotFoundError, ConfigError
-from dispatch_celery.settings import Settings, validate_service
+from dispatch_celery.settings import Settings, env_name, validate_service
 
 ENTRY_POINT_GROUP = "dispatch_celery.backends"
 
@@ -43,7 +43,7 @@ def installed(settings: Settings | None = None) -> list[str]:
 
 def _load_path(service: str, path: str) -> object:
     module, _, attr = path.partition(":")
-    name = f"DISPATCH_BACKEND_{service.upper().replace('-', '_')}"
+    name = env_name("BACKEND", service)
     if not module or not attr:
         raise ConfigError(f"{name} must look like 'package.module:Class', got {path!r}")
     try:

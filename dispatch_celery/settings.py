@@ -26,6 +26,9 @@ _REDIS_SCHEMES = {"redis", "rediss", "unix", "redis+socket"}
 _BROKER_SCHEMES = _REDIS_SCHEMES | {"amqp", "amqps", "pyamqp", "memory"}
 # Variables of other programs that we honour as defaults (llm-proxy's own names).
 _FOREIGN = ("REDIS_ADDR", "REDIS_DB", "REDIS_PASSWORD", "REDIS_STREAM_KEY", "SENTRY_DSN")
+# Prefixes of other programs' variables that backends honour when ours are unset (the
+# OpenTelemetry exporter variables for ``otlp``, the Langfuse SDK's for ``langfuse``).
+_FOREIGN_PREFIXES = ("OTEL_EXPORTER_OTLP_", "LANGFUSE_")
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -83,6 +86,12 @@ def redact_url(url: str) -> str:
     return parsed._replace(netloc=netloc).geturl()
 
 
+def env_name(*parts: str) -> str:
+    """``DISPATCH_<PART>_...``, upper-cased, '-' as '_' (``helicone-eu`` ->
+    ``DISPATCH_HELICONE_EU_API_KEY``): the one home of the variable-naming rule."""
+    return "_".join(["DISPATCH", *(p.upper().replace("-", "_") for p in parts)])
+
+
 def validate_service(service: str) -> str:
     if not _SERVICE_RE.match(service):
         raise ConfigError(
@@ -116,13 +125,18 @@ class Settings:
     batch_size: int = c.DEFAULT_BATCH_SIZE
     flush_interval: float = c.DEFAULT_FLUSH_INTERVAL_S
     read_count: int = c.DEFAULT_READ_COUNT
-    max_attempts: int = c.DEFAULT_MAX_ATTEMPTS
     visibility_timeout: int = c.DEFAULT_VISIBILITY_TIMEOUT_S
     task_time_limit: int = c.DEFAULT_TASK_TIME_LIMIT_S
     retry_base_delay: float = c.DEFAULT_RETRY_BASE_DELAY_S
     retry_max_delay: float = c.DEFAULT_RETRY_MAX_DELAY_S
+    retry_budget: float = c.DEFAULT_RETRY_BUDGET_S
+    max_crashes: int = c.DEFAULT_MAX_CRASHES
+    credentials_probe_interval: float = c.DEFAULT_CREDENTIALS_PROBE_INTERVAL_S
+    queue_lease: float = c.DEFAULT_QUEUE_LEASE_S
     high_water_batches: int = c.DEFAULT_HIGH_WATER_BATCHES
-    high_water_bytes: int = c.DEFAULT_HIGH_WATER_BYTES
+    high_water_bytes: int = c.DEFAULT_HIGH_WATER_BYTES  # compressed bytes stored in Redis
+    deadletter_max_len: int = c.DEFAULT_DEADLETTER_MAX_LEN
+    stream_rescan: float = c.DEFAULT_STREAM_RESCAN_S
     claim_idle: float = c.DEFAULT_CLAIM_IDLE_S
     staged_recovery: float = c.DEFAULT_STAGED_RECOVERY_S
     max_body_bytes: int = c.DEFAULT_MAX_BODY_BYTES
@@ -135,14 +149,47 @@ class Settings:
 
     def option(self, service: str, name: str, default: str | None = None) -> str | None:
         """``DISPATCH_<SERVICE>_<NAME>``, e.g. ``option("helicone", "API_KEY")``."""
-        key = f"DISPATCH_{service.upper().replace('-', '_')}_{name}"
-        value = self.env.get(key)
+        value = self.env.get(self.option_name(service, name))
         if value is None or value.strip() == "":
             return default
         return value.strip()
 
     def option_name(self, service: str, name: str) -> str:
-        return f"DISPATCH_{service.upper().replace('-', '_')}_{name}"
+        """The variable of a per-service option, ``DISPATCH_<SERVICE>_<NAME>``."""
+        return env_name(service, name)
+
+    @property
+    def soft_time_limit(self) -> int:
+        """The task's soft time limit (s): where an overrunning attempt is interrupted,
+        a tenth (at least 5 s) before the hard ``task_time_limit``."""
+        return max(1, self.task_time_limit - max(5, self.task_time_limit // 10))
+
+    def positive_int(
+        self,
+        service: str,
+        name: str,
+        default: int,
+        *,
+        maximum: int | None = None,
+        zero_ok: bool = False,
+    ) -> int:
+        """A backend's integer option ``DISPATCH_<SERVICE>_<NAME>``: positive (or 0 when
+        ``zero_ok``), at most ``maximum``; ``ConfigError`` names the variable otherwise."""
+        var = self.option_name(service, name)
+        if zero_ok and self.option(service, name) == "0":
+            return 0
+        value = _positive_int(self.env, var, default)
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{var} must be at most {maximum}, got {self.env[var]!r}")
+        return value
+
+    def positive_float(self, service: str, name: str, default: float) -> float:
+        """A backend's number of seconds ``DISPATCH_<SERVICE>_<NAME>``: positive and finite."""
+        var = self.option_name(service, name)
+        value = _positive_float(self.env, var, default)
+        if value == float("inf"):
+            raise ConfigError(f"{var} must be a finite number of seconds, got {self.env[var]!r}")
+        return value
 
     def scoped_option(self, service: str, name: str) -> tuple[str, str | None]:
         """(variable, value) of ``DISPATCH_<SERVICE>_<NAME>``, else of the service-wide
@@ -150,11 +197,11 @@ class Settings:
         value = self.option(service, name)
         if value is not None:
             return self.option_name(service, name), value
-        return f"DISPATCH_{name}", self.global_option(name)
+        return env_name(name), self.global_option(name)
 
     def global_option(self, name: str, default: str | None = None) -> str | None:
         """``DISPATCH_<NAME>``, a setting shared by every service unless overridden."""
-        value = self.env.get(f"DISPATCH_{name}")
+        value = self.env.get(env_name(name))
         if value is None or value.strip() == "":
             return default
         return value.strip()
@@ -171,16 +218,9 @@ class Settings:
             raise ConfigError("--flush-interval / DISPATCH_FLUSH_INTERVAL must be > 0")
         if self.batch_size <= 0:
             raise ConfigError("--batch-size / DISPATCH_BATCH_SIZE must be > 0")
-        # Every retry delay and every attempt must finish well inside the visibility
-        # timeout, or the Redis transport redelivers the task and it runs twice.
-        budget = self.retry_max_delay + self.task_time_limit
-        if budget >= self.visibility_timeout:
-            raise ConfigError(
-                "DISPATCH_RETRY_MAX_DELAY + DISPATCH_TASK_TIME_LIMIT "
-                f"({self.retry_max_delay:g} + {self.task_time_limit} s) must stay below "
-                f"DISPATCH_VISIBILITY_TIMEOUT ({self.visibility_timeout} s), or the broker "
-                "redelivers waiting tasks and delivers them twice"
-            )
+        from dispatch_celery.delivery.retry import check_timing  # the policy owns the rule
+
+        check_timing(self)
         if self.staged_recovery >= self.claim_idle:
             raise ConfigError("DISPATCH_STAGED_RECOVERY must be shorter than DISPATCH_CLAIM_IDLE")
 
@@ -195,6 +235,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     )
     stream = (env.get("DISPATCH_STREAM") or env.get("REDIS_STREAM_KEY") or c.DEFAULT_STREAM).strip()
     visibility = _positive_int(env, "DISPATCH_VISIBILITY_TIMEOUT", c.DEFAULT_VISIBILITY_TIMEOUT_S)
+    if env.get("DISPATCH_MAX_ATTEMPTS", "").strip():
+        # Not translated: 8 attempts were ~1 minute of retries, the budget is an hour now.
+        raise ConfigError(
+            "DISPATCH_MAX_ATTEMPTS is no longer supported: the retry budget is a duration; "
+            "remove it and set DISPATCH_RETRY_BUDGET (seconds of attempts without progress "
+            f"before dead-lettering, default {c.DEFAULT_RETRY_BUDGET_S:g})"
+        )
     settings = Settings(
         redis_url=redis_url,
         broker_url=broker_url,
@@ -202,7 +249,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         batch_size=_positive_int(env, "DISPATCH_BATCH_SIZE", c.DEFAULT_BATCH_SIZE),
         flush_interval=_positive_float(env, "DISPATCH_FLUSH_INTERVAL", c.DEFAULT_FLUSH_INTERVAL_S),
         read_count=_positive_int(env, "DISPATCH_READ_COUNT", c.DEFAULT_READ_COUNT),
-        max_attempts=_positive_int(env, "DISPATCH_MAX_ATTEMPTS", c.DEFAULT_MAX_ATTEMPTS),
         visibility_timeout=visibility,
         task_time_limit=_positive_int(
             env, "DISPATCH_TASK_TIME_LIMIT", min(c.DEFAULT_TASK_TIME_LIMIT_S, visibility // 3)
@@ -211,14 +257,24 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             env, "DISPATCH_RETRY_BASE_DELAY", c.DEFAULT_RETRY_BASE_DELAY_S
         ),
         retry_max_delay=_positive_float(
-            env, "DISPATCH_RETRY_MAX_DELAY", min(c.DEFAULT_RETRY_MAX_DELAY_S, visibility / 3)
+            env, "DISPATCH_RETRY_MAX_DELAY", c.DEFAULT_RETRY_MAX_DELAY_S
         ),
+        retry_budget=_positive_float(env, "DISPATCH_RETRY_BUDGET", c.DEFAULT_RETRY_BUDGET_S),
+        max_crashes=_positive_int(env, "DISPATCH_MAX_CRASHES", c.DEFAULT_MAX_CRASHES),
+        credentials_probe_interval=_positive_float(
+            env, "DISPATCH_CREDENTIALS_PROBE_INTERVAL", c.DEFAULT_CREDENTIALS_PROBE_INTERVAL_S
+        ),
+        queue_lease=_positive_float(env, "DISPATCH_QUEUE_LEASE", c.DEFAULT_QUEUE_LEASE_S),
         high_water_batches=_positive_int(
             env, "DISPATCH_HIGH_WATER_BATCHES", c.DEFAULT_HIGH_WATER_BATCHES
         ),
         high_water_bytes=_positive_int(
             env, "DISPATCH_HIGH_WATER_BYTES", c.DEFAULT_HIGH_WATER_BYTES
         ),
+        deadletter_max_len=_positive_int(
+            env, "DISPATCH_DEADLETTER_MAX_LEN", c.DEFAULT_DEADLETTER_MAX_LEN
+        ),
+        stream_rescan=_positive_float(env, "DISPATCH_STREAM_RESCAN", c.DEFAULT_STREAM_RESCAN_S),
         claim_idle=_positive_float(env, "DISPATCH_CLAIM_IDLE", c.DEFAULT_CLAIM_IDLE_S),
         staged_recovery=_positive_float(
             env, "DISPATCH_STAGED_RECOVERY", c.DEFAULT_STAGED_RECOVERY_S
@@ -229,10 +285,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         metrics_port=_positive_int(env, "DISPATCH_METRICS_PORT", c.DEFAULT_METRICS_PORT),
         sentry_dsn=(env.get("SENTRY_DSN") or "").strip() or None,
         env={
-            k: v for k, v in env.items() if k.startswith(("DISPATCH_", "FLOWER_")) or k in _FOREIGN
+            k: v
+            for k, v in env.items()
+            if k.startswith(("DISPATCH_", "FLOWER_", *_FOREIGN_PREFIXES)) or k in _FOREIGN
         },
     )
-    if not settings.stream:
-        raise ConfigError("DISPATCH_STREAM must not be empty")
+    if not settings.stream.replace(",", "").strip():  # several keys: ingest/streamset.py
+        raise ConfigError("DISPATCH_STREAM must name at least one stream key or pattern")
     settings.validate()
     return settings

@@ -40,6 +40,10 @@ class Counter(StrEnum):
     TRIMMED_UNREAD = "trimmed_unread"  # entries the producer trimmed before we read them
     BATCHES = "batches"  # batches finished (delivered and/or dead-lettered)
     ENQUEUED = "enqueued_events"  # events the bridge handed to the broker
+    BLOBS_LOST = "blobs_lost"  # batches whose blob vanished from Redis (lost writes, eviction)
+    XACK_FAILED = "xack_failed"  # finished batches whose stream entries could not be XACKed
+    GATED = "gated"  # attempts not made because the outage gate was closed (or paused)
+    DEAD_LETTERS_TRIMMED = "dead_letters_trimmed"  # oldest dead letters dropped at the bound
 
 
 def add(

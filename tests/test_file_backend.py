@@ -78,6 +78,34 @@ def test_rotation_by_size(tmp_path: Path) -> None:
     assert path.stat().st_size <= 4000
 
 
+def test_a_batch_retried_after_a_rotation_is_not_appended_again(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    b = FileBackend(path, rotate_bytes=4000)
+    first = runs(0, 3)
+    b.deliver(first, ctx("b1"))
+    k = 1
+    while not (tmp_path / "out.jsonl.1").exists():  # the next batches rotate b1 away
+        b.deliver(runs(k * 3, 3), ctx(f"b{k + 1}"))
+        k += 1
+    b.deliver(first, ctx("b1", attempt=2))  # its worker died before acknowledging
+    b.deliver(runs((k - 1) * 3, 3), ctx(f"b{k}", attempt=2))  # and the one just after
+    files = [path, *sorted(tmp_path.glob("out.jsonl.[0-9]"))]
+    ids = [rec["stream_id"] for p in files for rec in lines(p)]
+    assert len(ids) == 3 * k == len(set(ids))
+    assert not (tmp_path / "out.jsonl.batches.1").exists()  # the journal stayed put
+
+
+def test_a_torn_journal_line_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    b = FileBackend(path)
+    b.deliver(runs(0, 2), ctx("b1"))
+    with b.journal_path.open("ab") as j:  # a crash in the middle of a journal write
+        j.write(b"file/b2 0123456789abcdef 12")
+    b.deliver(runs(2, 2), ctx("b2"))
+    b.deliver(runs(2, 2), ctx("b2", attempt=2))
+    assert [rec["stream_id"] for rec in lines(path)] == [f"1700000000000-{i}" for i in range(4)]
+
+
 def _writer(path: str, k: int) -> None:
     b = FileBackend(Path(path))
     for j in range(20):

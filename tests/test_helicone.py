@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dispatch_celery.backends.helicone import DEFAULT_ENDPOINT, HeliconeBackend
-from dispatch_celery.errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
+from dispatch_celery.errors import ConfigError, CredentialsError, TransientDeliveryError
 from dispatch_celery.registry import backend_class
 from dispatch_celery.settings import load_settings
 from tests.vendor_servers import (
@@ -195,20 +195,55 @@ def test_429_retry_after_as_http_date(server: FakeHelicone, make_backend: Factor
 
 
 @pytest.mark.parametrize("status", [401, 403])
-def test_refused_key_is_permanent_for_the_batch(
+def test_refused_key_pauses_the_service_for_the_batch(
     server: FakeHelicone, make_backend: Factory, status: int
 ) -> None:
     server.fail_next(*[Fault(status, body=b'{"error":"Unauthorized"}') for _ in range(20)])
-    with pytest.raises(PermanentDeliveryError) as info:
+    with pytest.raises(CredentialsError) as info:
         make_backend(concurrency=2).deliver(chat_runs(20), RecordingContext("helicone").ctx)
     assert "DISPATCH_HELICONE_API_KEY" in str(info.value)
     assert server.api_key not in str(info.value)
     assert len(server.received) <= 2  # stopped at once: a bad key is not hammered
 
 
+def test_key_refused_part_way_keeps_delivered_runs_delivered(
+    server: FakeHelicone, make_backend: Factory
+) -> None:
+    runs = chat_runs(10)
+    server.fail_next(Fault(), Fault(), Fault(), *[Fault(401) for _ in range(10)])
+    report = make_backend(concurrency=1).deliver(runs, RecordingContext("helicone").ctx)
+
+    assert set(server.logs) == {run.id for run in runs[:3]}
+    assert set(report.deferred) == {run.id for run in runs[3:]}  # not rejected: paused
+    assert report.rejected == {}
+    assert report.credentials_refused is not None
+    assert "DISPATCH_HELICONE_API_KEY" in report.credentials_refused
+    assert server.api_key not in report.credentials_refused
+    assert len(server.received) == 4  # nothing after the refusal
+
+
+def test_a_redirect_pauses_naming_the_endpoint(server: FakeHelicone, make_backend: Factory) -> None:
+    server.fail_next(*[Fault(307, {"Location": "https://eu.helicone.ai/custom/v1/log"})] * 3)
+    with pytest.raises(CredentialsError) as info:
+        make_backend(concurrency=1).deliver(chat_runs(3), RecordingContext("helicone").ctx)
+    assert "DISPATCH_HELICONE_ENDPOINT" in str(info.value)
+    assert "eu.helicone.ai" in str(info.value)
+    assert len(server.received) == 1
+
+
+def test_probe_sends_one_log_first(server: FakeHelicone, make_backend: Factory) -> None:
+    server.fail_next(Fault(503))
+    with pytest.raises(TransientDeliveryError, match="HTTP 503"):
+        make_backend().deliver(chat_runs(20), RecordingContext("helicone", probe=True).ctx)
+    assert len(server.received) == 1  # the other 19 stayed unsent
+    report = make_backend().deliver(chat_runs(20), RecordingContext("helicone", probe=True).ctx)
+    assert report.deferred == {}
+    assert len(server.logs) == 20
+
+
 def test_wrong_key_is_never_echoed(make_backend: Factory, server: FakeHelicone) -> None:
     backend = make_backend(api_key="sk-wrong-secret-key")
-    with pytest.raises(PermanentDeliveryError) as info:
+    with pytest.raises(CredentialsError) as info:
         backend.deliver(chat_runs(1), RecordingContext("helicone").ctx)
     assert "sk-wrong-secret-key" not in str(info.value)
     assert "HTTP 401" in str(info.value)

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from dispatch_celery.backends.lunary import DEFAULT_ENDPOINT, LunaryBackend
-from dispatch_celery.errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
+from dispatch_celery.errors import ConfigError, CredentialsError, TransientDeliveryError
 from dispatch_celery.registry import backend_class
 from dispatch_celery.settings import load_settings
 from tests.vendor_servers import (
@@ -181,20 +181,68 @@ def test_per_event_failures_are_per_run(server: FakeLunary, make_backend: Factor
     backend = make_backend()
 
     report = backend.deliver(runs, _ctx())
-    assert set(report.deferred) == {a.id, c.id}
-    assert set(report.rejected) == {b.id}
-    assert "start refused" in report.deferred[a.id]
-    assert "end refused" in report.deferred[c.id]
+    # Lunary's results are free text naming no event: every failure is transient (retried,
+    # dead-lettered with the reason only when the retry budget is spent), none a guess.
+    assert set(report.deferred) == {a.id, b.id, c.id}
+    assert report.rejected == {}
+    assert "Connection terminated unexpectedly" in report.deferred[a.id]
+    assert "invalid input syntax" in report.deferred[b.id]
+    assert "timeout exceeded" in report.deferred[c.id]
     assert server.runs[d.id]["status"] == "success"
     # b's end was acknowledged but dropped (no stored start): why a failed start fails the run.
     assert [e["runId"] for e in server.dropped] == [a.id, b.id]
 
-    again = backend.deliver([a, c], _ctx())  # the core passes only the deferred runs
+    again = backend.deliver([a, b, c], _ctx())  # the core passes only the deferred runs
     assert again.deferred == {}
     assert again.rejected == {}
-    assert _runs_per_request(server)[-1] == [a.id, a.id, c.id, c.id]
+    assert _runs_per_request(server)[-1] == [a.id, a.id, b.id, b.id, c.id, c.id]
     assert server.runs[a.id]["status"] == "success"
+    assert server.runs[b.id]["status"] == "success"
     assert server.runs[c.id]["status"] == "success"  # its start answered "already exists"
+
+
+def test_results_are_mapped_by_identity_not_order(
+    server: FakeLunary, make_backend: Factory
+) -> None:
+    """Results in any order (a proxy reordering them, clock skew in the vendor's sort) and
+    results for ids we never sent change nothing: each run is judged by its own results."""
+    a, b = runs = chat_runs(2)
+    ids = [a.id, a.id, b.id, b.id]
+    server.fail_next(
+        Fault(200, body=json.dumps({"results": [
+            {"id": b.id, "success": False, "error": DUPLICATE},  # b's start: stored before
+            {"id": "00000000-0000-4000-8000-999999999999", "success": True},
+            {"id": a.id, "success": True},
+            {"id": b.id, "success": True},
+            {"id": a.id, "success": False, "error": "deadlock detected"},
+        ]}).encode()),
+    )  # fmt: skip
+    report = make_backend().deliver(runs, _ctx())
+    assert _runs_per_request(server) == [ids]
+    assert set(report.deferred) == {a.id}
+    assert "deadlock detected" in report.deferred[a.id]
+    assert report.rejected == {}
+
+
+def test_a_missing_result_is_transient(server: FakeLunary, make_backend: Factory) -> None:
+    a, b = runs = chat_runs(2)
+    body = {"results": [{"id": a.id, "success": True}] * 2 + [{"id": b.id, "success": True}]}
+    server.fail_next(Fault(200, body=json.dumps(body).encode()))
+    report = make_backend().deliver(runs, _ctx())
+    assert list(report.deferred) == [b.id]
+    assert "1 results for the run, expected 2" in report.deferred[b.id]
+
+
+def test_a_skewed_start_never_sorts_after_its_end(
+    server: FakeLunary, make_backend: Factory
+) -> None:
+    run = chat_run(str(uuid.uuid4()))
+    run.record["started_at"] = "2030-01-01T00:00:00.000Z"  # a producer's clock gone wrong
+    assert make_backend().deliver([run], _ctx()).deferred == {}
+    start, end = server.received[0].json["events"]
+    assert start["timestamp"] == end["timestamp"] == run.record["ended_at"]
+    assert server.dropped == []
+    assert server.runs[run.id]["status"] == "success"
 
 
 def test_batches_split_by_bytes_never_splitting_a_run(
@@ -225,14 +273,41 @@ def test_batches_split_by_bytes_never_splitting_a_run(
     ("key", "status"),
     [("6b1f2b4c-0000-4000-8000-000000000000", 401), ("lk-not-a-project-uuid", 402)],
 )
-def test_refused_key_is_permanent_for_the_batch(
+def test_refused_key_pauses_the_service_for_the_batch(
     make_backend: Factory, key: str, status: int
 ) -> None:
-    with pytest.raises(PermanentDeliveryError) as info:
+    with pytest.raises(CredentialsError) as info:
         make_backend(api_key=key).deliver(chat_runs(3), _ctx())
     assert f"HTTP {status}" in str(info.value)
     assert "DISPATCH_LUNARY_API_KEY" in str(info.value)
     assert key not in str(info.value)
+
+
+def test_key_refused_part_way_keeps_the_stored_chunks_delivered(
+    server: FakeLunary, make_backend: Factory
+) -> None:
+    runs = chat_runs(9, pad=1000)
+    server.fail_next(Fault(), Fault(401, body=b'{"message": "This project does not exist"}'))
+    report = make_backend(max_request_bytes=8 * 1024).deliver(runs, _ctx())
+
+    delivered = set(server.runs)
+    assert delivered
+    assert set(report.deferred) == {r.id for r in runs} - delivered
+    assert report.rejected == {}
+    assert report.credentials_refused is not None
+    assert "DISPATCH_LUNARY_API_KEY" in report.credentials_refused
+    assert "HTTP 401" in report.credentials_refused
+    assert len(server.received) == 2
+
+
+def test_probe_sends_one_chunk_first(server: FakeLunary, make_backend: Factory) -> None:
+    runs = chat_runs(9, pad=1000)
+    server.fail_next(Fault(reset=True))
+    rec = RecordingContext("lunary", probe=True)
+    with pytest.raises(TransientDeliveryError, match="reset"):
+        make_backend(max_request_bytes=8 * 1024).deliver(runs, rec.ctx)
+    assert len(server.received) == 1  # the other chunks stayed unsent
+    assert rec.acquired == 1
 
 
 def test_429_slows_everyone_and_defers_the_rest(server: FakeLunary, make_backend: Factory) -> None:

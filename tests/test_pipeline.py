@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from pathlib import Path
 from typing import cast
@@ -121,19 +122,27 @@ def test_transient_failures_back_off_honour_retry_after_then_deliver(
     assert r.xlen(c.deadletter_key("flaky")) == 0
 
 
-def test_exhausted_attempts_dead_letter_never_drop(
+def test_an_exhausted_budget_dead_letters_never_drops(
     redis_url: str, r: redis.Redis, tmp_path: Path
 ) -> None:
-    settings, app, _ = make(redis_url, tmp_path, DISPATCH_MAX_ATTEMPTS="3")
-    r.hset("test:flaky:flaky", mapping={"transient": 100})
+    # the budget is a duration: 2 s of attempts without progress, then dead letters
+    settings, app, _ = make(redis_url, tmp_path, DISPATCH_RETRY_BUDGET="2")
+    r.hset("test:flaky:flaky", mapping={"transient": 1000})
     xadd_all(r, STREAM, [event(i) for i in range(4)])
     with bridge(settings, app, "flaky"), worker(app, "flaky"):
         wait_for(lambda: r.xlen(c.deadletter_key("flaky")) == 4, what="dead letters")
         wait_for(lambda: r.hlen(c.inflight_key("flaky")) == 0, what="batch finished")
+    calls = [orjson.loads(x) for x in cast(list[bytes], r.lrange("test:flaky:flaky:calls", 0, -1))]
     letters = xrange(r, c.deadletter_key("flaky"))
-    assert all(b"gave up after 3 attempts" in f[b"reason"] for _, f in letters)
-    assert all(f[b"attempts"] == b"3" for _, f in letters)
+    assert all(
+        re.match(rb"gave up after 2\.\ds without progress: ", f[b"reason"]) for _, f in letters
+    )
+    assert all(b"flaky: transient failure" in f[b"reason"] for _, f in letters)
+    assert all(int(f[b"attempts"]) == len(calls) for _, f in letters)
+    # the last attempt lands at the budget's end: ~2 s after the first failure
+    assert 1.8 <= calls[-1]["t"] - calls[0]["t"] <= 3.5, calls
     assert not (tmp_path / "flaky.jsonl").exists()
+    assert r.zcard(c.due_key("flaky")) == 0 and not r.keys("dispatch:batch*")
 
     # replay puts them back through delivery (the backend works again now)
     r.hset("test:flaky:flaky", "transient", 0)
@@ -260,7 +269,7 @@ def stage_as_bridge(r: redis.Redis, consumer: str, n: int) -> tuple[BatchStore, 
     store = BatchStore(r, "file")
     batch_id = batch_id_for(entries)
     blob = encode(STREAM, "dispatch-file", entries)
-    store.stage_many([(batch_id, blob, raw_size(entries))], consumer)
+    store.stage_many([(batch_id, blob, raw_size(entries))], consumer, recovery_s=1.0)
     return store, batch_id, entries
 
 
@@ -276,6 +285,8 @@ def test_a_staged_batch_of_a_dead_bridge_is_published_once(
     assert len(jsonl(tmp_path / "events.jsonl")) == 7
     assert r.xpending(STREAM, "dispatch-file")["pending"] == 0
     assert r.hlen(c.staged_key("file")) == 0
+    assert r.zcard(c.due_key("file")) == 0
+    assert stats.read(r, "file")["enqueued_events"] == 7  # counted once, at its XACK
 
 
 def test_the_seven_spec_vectors_end_to_end(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
@@ -323,16 +334,19 @@ def test_the_seven_spec_vectors_end_to_end(redis_url: str, r: redis.Redis, tmp_p
 def test_a_batch_whose_task_was_lost_is_republished(
     redis_url: str, r: redis.Redis, tmp_path: Path
 ) -> None:
-    """An attempt began, then its retry could not be published (broker gone): the blob is
-    in flight with no task. The bridge notices once no live task could still be waiting."""
-    settings, app, _ = make(redis_url, tmp_path)
+    """The broker accepted the task and confirmed it (entries XACKed), then the task was
+    lost before any attempt began (a worker killed with the message read but not yet
+    recorded, say): the blob is in flight with no task. The due index re-publishes it once
+    its queue lease is over, touched or not."""
+    settings, app, _ = make(redis_url, tmp_path, DISPATCH_QUEUE_LEASE="2")
     store, batch_id, entries = stage_as_bridge(r, "b0", 6)
-    store.confirm([batch_id], STREAM, "dispatch-file", [e.entry_id for e in entries])
-    r.zadd(c.touched_key("file"), {batch_id: time.time() - 3600})  # last attempt long ago
+    store.confirm([(batch_id, STREAM, "dispatch-file", [e.entry_id for e in entries])], 2.0)
+    assert r.xpending(STREAM, "dispatch-file")["pending"] == 0  # nothing left to re-read
     with bridge(settings, app, "file"), worker(app, "file"):
-        wait_for(lambda: len(jsonl(tmp_path / "events.jsonl")) == 6, what="orphan delivered")
+        wait_for(lambda: len(jsonl(tmp_path / "events.jsonl")) == 6, what="lost task's batch")
         wait_for(lambda: r.hlen(c.inflight_key("file")) == 0, what="nothing in flight")
-    assert r.zcard(c.touched_key("file")) == 0
+    assert r.zcard(c.due_key("file")) == 0
+    assert len(jsonl(tmp_path / "events.jsonl")) == 6
 
 
 def test_pending_entries_trimmed_before_batching_are_counted_not_dead_lettered(

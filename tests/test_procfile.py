@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import orjson
+import pytest
 import redis
 
 from dispatch_celery import constants as c
@@ -220,3 +221,62 @@ def test_honcho_runs_the_stack_and_sigterm_stops_it_without_losing_events(
     assert r.llen(c.queue_name("file")) == 0  # no task left on the broker queue
     assert r.hlen("unacked") == 0  # ... nor held unacknowledged by a dead worker
     assert not r.keys("dispatch:batch:*")
+
+
+DEPLOYS = 3  # SIGTERM + restart cycles while the producer keeps writing
+DEPLOY_RATE = 150.0  # events per second, throughout every stop and start
+
+
+@pytest.mark.faults
+def test_deploys_while_events_keep_arriving_lose_no_event(
+    redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    """Issue 8: under honcho, 1 event of 3,000 was lost across a SIGTERM stop and restart
+    (the bridge's last flush was XACKed, its task never reached the queue, and nothing
+    recovered the batch). Publish continuously across several deploys; afterwards every
+    event is delivered or dead-lettered with a reason."""
+    from tests.faults.kit import Figures, Producer, account, dead_letters, file_counts, settle
+
+    env = subprocess_env(
+        pipeline_env(
+            redis_url,
+            tmp_path,
+            DISPATCH_BATCH_SIZE="20",
+            DISPATCH_WORKER_CONCURRENCY="2",
+            DISPATCH_WORKER_SHUTDOWN_WAIT="2",
+        )
+    )
+    env["PATH"] = _path()
+    env["PYTHONUNBUFFERED"] = "1"
+    log = tmp_path / "honcho.log"
+    out = tmp_path / "events.jsonl"
+    producer = Producer(redis_url, DEPLOY_RATE)
+    fig = Figures("deploy", fault_s=float(DEPLOYS))
+    proc = _start(env, log, "bridge-file", "worker-file")
+    try:
+        producer.start()
+        for _ in range(DEPLOYS):
+            before = len(file_counts(out))
+            wait_for(
+                lambda before=before: len(file_counts(out)) > before + 100,  # type: ignore[misc]
+                timeout=30,
+                what="the stack delivering",
+            )
+            assert _stop(proc, log) < 30  # SIGTERM while events arrive and are delivered
+            time.sleep(0.5)  # the release: nothing runs for a moment, events keep coming
+            proc = _start(env, log, "bridge-file", "worker-file")
+        time.sleep(3)
+        producer.stop()
+        published = producer.published()
+        # generous: a batch whose task was lost is re-published after its lease
+        settle(
+            lambda: set(file_counts(out)) | set(dead_letters(r, "file")) >= set(published),
+            timeout=90,
+        )
+    finally:
+        producer.close()
+        assert _stop(proc, log) < 30
+    account(fig, published, file_counts(out), dead_letters(r, "file"))
+    print("FIGURES", fig.line())
+    assert r.hlen(c.inflight_key("file")) == 0, "a batch is still in flight"
+    assert r.xpending(STREAM, c.default_group("file"))["pending"] == 0

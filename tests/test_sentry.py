@@ -175,7 +175,7 @@ def test_a_worker_reports_a_backend_failure_scrubbed(
         redis_url,
         tmp_path,
         SENTRY_DSN=dsn,
-        DISPATCH_MAX_ATTEMPTS="1",
+        DISPATCH_RETRY_BUDGET="1",  # the failing backend's runs dead-letter after 1 s
         DISPATCH_BACKEND_LEAKY="tests.test_sentry:LeakyBackend",
         DISPATCH_LEAKY_API_KEY=API_KEY,
     )

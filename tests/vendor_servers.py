@@ -14,6 +14,7 @@ Also here: helpers that build runs for tests (by hand, and from the spec's strea
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -422,6 +423,119 @@ class FakeLunary(FakeVendor):
         return None
 
 
+# --- hung connections ----------------------------------------------------------------------
+
+
+class HangingVendor:
+    """A raw-socket HTTP/1.1 server whose answers can hang, for deadline tests.
+
+    Each request is read in full; a request whose body contains one of ``hang_on`` (or any
+    request while ``hang_all``) is held: ``mode`` "silent" never answers, "drip" sends a
+    valid 200 answer one byte every ``drip_interval`` seconds (a per-read timeout never
+    fires on it). Other requests get ``200 {"ok": true}`` at once, keep-alive. Counts what
+    it received, held and answered.
+    """
+
+    path = "/ingest"
+
+    def __init__(
+        self, mode: str = "silent", *, hang_on: tuple[bytes, ...] = (), drip_interval: float = 0.1
+    ) -> None:
+        self.mode = mode
+        self.hang_on = hang_on
+        self.hang_all = not hang_on
+        self.drip_interval = drip_interval
+        self.lock = threading.Lock()
+        self.bodies: list[bytes] = []
+        self.held = 0
+        self.answered = 0
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self._listener.settimeout(0.05)
+        self.port = int(self._listener.getsockname()[1])
+        self._thread = threading.Thread(target=self._accept, daemon=True, name="hanging-vendor")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._listener.close()
+        with self.lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with contextlib.suppress(OSError):
+            while not self._stop.is_set():
+                request = self._read(conn, buf)
+                if request is None:
+                    return
+                body, buf = request
+                with self.lock:
+                    self.bodies.append(body)
+                    hang = self.hang_all or any(marker in body for marker in self.hang_on)
+                    if hang:
+                        self.held += 1
+                answer = b'{"ok": true}'
+                response = (
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(answer)).encode() + b"\r\n\r\n" + answer
+                )
+                if not hang:
+                    conn.sendall(response)
+                    with self.lock:
+                        self.answered += 1
+                    continue
+                if self.mode == "silent":
+                    self._stop.wait()
+                    return
+                for byte in response:  # drip
+                    if self._stop.wait(self.drip_interval):
+                        return
+                    conn.sendall(bytes([byte]))
+
+    def _read(self, conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None:
+        while b"\r\n\r\n" not in buf:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return None
+            buf += chunk
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        while len(rest) < length:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return None
+            rest += chunk
+        return rest[:length], rest[length:]
+
+
 # --- test data -----------------------------------------------------------------------------
 
 
@@ -521,13 +635,13 @@ def vector_run(vector: Mapping[str, Any], index: int = 0) -> Run:
 class RecordingContext:
     """A DeliveryContext whose rate-limit hooks record their calls."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, *, probe: bool = False) -> None:
         self.acquired = 0
         self.slowed: list[float] = []
         self._lock = threading.Lock()
         self.ctx = DeliveryContext(
             service=service, batch_id="batch-1", attempt=1, max_attempts=8,
-            acquire=self.acquire, slow_down=self.slow_down,
+            acquire=self.acquire, slow_down=self.slow_down, probe=probe,
         )  # fmt: skip
 
     def acquire(self, cost: int = 1) -> None:

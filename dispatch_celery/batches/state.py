@@ -1,26 +1,47 @@
-"""Batches travel by reference: one compact blob in Redis, a tiny task on the broker.
+"""Batch state in Redis: what is in flight, who may run it, and when it is due.
 
-A blob holds the stream key and group its entries came from (so the worker can XACK them
-if the bridge could not) and, per entry, its id and raw ``data`` bytes, untouched. Entries
-without a ``data`` field keep their other fields, so the worker can dead-letter them with
-their raw bytes.
+The blob itself is ``batches.codec``'s; this module keeps everything around it. Every
+batch in flight is in one recovery index, the per-service **due index** (ZSET
+``due_key``: batch id -> unix time at which a bridge must (re)publish the batch unless it
+finished or the time was moved). There is no other recovery path.
 
-Life of a batch (every transition is one atomic Redis call):
+Life of a batch (each step is one atomic Redis call):
 
-1. ``stage``: SET blob, HSET staged (owner, time), HSET inflight (bytes), INCRBY bytes.
-2. the bridge publishes the task; the broker accepts it.
-3. ``confirm``: HDEL staged, XACK the entries.
-4. the worker delivers or dead-letters, then ``finish``: DEL blob and its progress keys,
-   HDEL staged and inflight (DECRBY bytes only if it was there), XACK the entries.
+1. ``stage`` (bridge): SET blob; HSET inflight sizes; INCRBY byte counters; HSET staged
+   (owner, time); HSET ticket (a fresh token); ZADD due now + staged recovery.
+2. the bridge publishes the task ``(service, batch_id, events, token)``; the broker
+   accepted it.
+3. ``confirm`` (bridge): XACK the entries (counted as enqueued), HDEL staged, ZADD due
+   now + queue lease. The XACK happens only after the broker accepted the task, on every
+   path (first publish and re-publish).
+4. ``begin`` (worker): blob gone -> ``gone`` (finished by another copy: nothing to do);
+   token is not the ticket -> ``stale`` (a newer copy was published); the batch's lease
+   lock is held -> ``busy`` (a copy is running). Then the credentials pause and the outage
+   gate are consulted (``paused`` / ``gated``: park, send nothing; or ``probe``). Else the
+   attempt runs: ZADD due now + lease (if this worker dies, a bridge re-publishes after
+   that), count the attempt and, if the previous one never ended, a crash; load the blob
+   and the set of entries already settled.
+5. an attempt that leaves runs pending asks ``delivery.retry``: give up (dead-letter and
+   finish) or ``reschedule`` (due = now + backoff, lock released). No countdown waits in
+   the broker.
+6. ``finish``: DEL blob, done set, retry state, lease; HDEL ticket, staged, inflight;
+   ZREM due; DECRBY byte counters; XACK (a failing XACK is counted and reported).
+7. ``claim_due`` (bridge, every step): atomically takes the due ids (re-stamps them now +
+   queue lease and gives each a new ticket), so two bridges never publish one batch. The
+   bridge publishes them and confirms. A due batch whose blob vanished (Redis lost writes,
+   an eviction) is dropped from the index and the accounting by ``drop_lost`` and counted
+   as ``blobs_lost``; it is never retried forever.
 
-A bridge that dies between 1 and 3 leaves a staged batch; the next bridge of the service
-re-publishes it (``recover``). A duplicate task finds no blob and does nothing.
+A duplicate task (a broker redelivery, an older copy) therefore does nothing and counts
+nothing: it is ``gone``, ``stale`` or ``busy``.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
@@ -29,31 +50,237 @@ from dispatch_celery import constants as c
 from dispatch_celery.batches.codec import Batch, decode
 from dispatch_celery.stats import Counter
 
-# KEYS: blob, staged, inflight, inflight-bytes, done-set, attempts, stream, touched
-# ARGV: batch id, group, entry ids...
-_FINISH = """
-redis.call('DEL', KEYS[1], KEYS[5], KEYS[6])
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[8], ARGV[1])
-local size = redis.call('HGET', KEYS[3], ARGV[1])
-if size then
-  redis.call('HDEL', KEYS[3], ARGV[1])
-  local left = redis.call('DECRBY', KEYS[4], tonumber(size))
-  if left < 0 then redis.call('SET', KEYS[4], 0) end
+# The inflight HASH value: "<compressed> <raw>" bytes; a plain number (earlier versions,
+# uncompressed blobs) counts as both.
+_LUA_SIZES = """
+local function sizes(v)
+  local comp, raw = string.match(v, '^(%d+) (%d+)$')
+  if comp then return tonumber(comp), tonumber(raw) end
+  return tonumber(v) or 0, tonumber(v) or 0
 end
-if KEYS[7] ~= '' and ARGV[2] ~= '' and #ARGV > 2 then
-  local ok, err = pcall(redis.call, 'XACK', KEYS[7], ARGV[2], unpack(ARGV, 3))
+local function release(inflight, bytes, raw_bytes, id)
+  local v = redis.call('HGET', inflight, id)
+  if not v then return 0 end
+  redis.call('HDEL', inflight, id)
+  local comp, raw = sizes(v)
+  if redis.call('DECRBY', bytes, comp) < 0 then redis.call('SET', bytes, 0) end
+  if redis.call('DECRBY', raw_bytes, raw) < 0 then redis.call('SET', raw_bytes, 0) end
+  return 1
 end
-return size and 1 or 0
 """
 
-# KEYS: touched.  ARGV: older than (s), now (s).  Claims (re-stamps) and returns up to 100
-# batches whose last attempt began before ARGV[1], so one bridge re-publishes each.
-_ORPHANS = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
-return ids
+# KEYS: 1 blob, 2 staged, 3 inflight, 4 bytes, 5 raw bytes, 6 done, 7 state, 8 lease, 9 due,
+#       10 tickets, 11 parked, 12 stats, 13 stream (or '')
+# ARGV: 1 batch id, 2 group (or ''), 3 xack-failed counter name, 4.. entry ids
+# Returns {was in flight (0/1), XACK error ('' when fine)}.
+_FINISH = (
+    _LUA_SIZES
+    + """
+redis.call('DEL', KEYS[1], KEYS[6], KEYS[7], KEYS[8])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[10], ARGV[1])
+redis.call('ZREM', KEYS[9], ARGV[1])
+redis.call('ZREM', KEYS[11], ARGV[1])
+local was = release(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
+local err = ''
+if KEYS[13] ~= '' and ARGV[2] ~= '' and #ARGV > 3 then
+  local ok, res = pcall(redis.call, 'XACK', KEYS[13], ARGV[2], unpack(ARGV, 4))
+  if not ok then
+    redis.call('HINCRBY', KEYS[12], ARGV[3], 1)
+    err = type(res) == 'table' and tostring(res.err) or tostring(res)
+  end
+end
+return {was, err}
 """
+)
+
+# KEYS: 1 blob, 2 due, 3 inflight, 4 bytes, 5 raw bytes, 6 staged, 7 tickets, 8 state,
+#       9 done, 10 parked, 11 lease, 12 stats
+# ARGV: 1 batch id, 2 blobs-lost counter name
+# Drops a batch whose blob vanished while it is still indexed; 0 when it is not lost (it
+# finished meanwhile, or the blob is there after all).
+_DROP_LOST = (
+    _LUA_SIZES
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[10], ARGV[1])
+redis.call('HDEL', KEYS[6], ARGV[1])
+redis.call('HDEL', KEYS[7], ARGV[1])
+redis.call('DEL', KEYS[8], KEYS[9], KEYS[11])
+release(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
+redis.call('HINCRBY', KEYS[12], ARGV[2], 1)
+return 1
+"""
+)
+
+# KEYS: 1 due, 2 tickets, 3 parked.  ARGV: 1 now, 2 lease (s), 3 limit, 4 token seed.
+# Takes (re-stamps) up to ``limit`` due batches and gives each a new ticket: one claimer
+# per batch. Returns {id1, token1, id2, token2, ...}.
+_CLAIM_DUE = """
+local now = tonumber(ARGV[1])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for i, id in ipairs(ids) do
+  local token = ARGV[4] .. '.' .. i
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)
+  redis.call('HSET', KEYS[2], id, token)
+  redis.call('ZREM', KEYS[3], id)
+  out[#out + 1] = id
+  out[#out + 1] = token
+end
+return out
+"""
+
+# KEYS: 1 staged, 2 due, 3 stats, 4 stream (or '').
+# ARGV: 1 batch id, 2 due time, 3 group (or ''), 4 enqueued counter name, 5.. entry ids
+# The broker accepted the batch's task: XACK (counting the entries acknowledged now, so a
+# re-publish is not counted twice), unstage, and move the due time to the queue lease, but
+# only while the batch is still in flight (ZADD XX: a finished batch stays finished).
+_CONFIRM = """
+if KEYS[4] ~= '' and ARGV[3] ~= '' and #ARGV > 4 then
+  local n = redis.call('XACK', KEYS[4], ARGV[3], unpack(ARGV, 5))
+  if n > 0 then redis.call('HINCRBY', KEYS[3], ARGV[4], n) end
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], 'XX', tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+
+# KEYS: 1 blob, 2 tickets, 3 lease, 4 state, 5 due, 6 done, 7 gate, 8 gate probe,
+#       9 pause, 10 pause probe, 11 parked
+# ARGV: 1 batch id, 2 token ('' for a task of an earlier version), 3 now, 4 lease ms,
+#       5 probe interval ms
+# Returns {status, blob, done ids, state, gate-or-pause fields}; see ``BatchStore.begin``.
+_BEGIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+local ticket = redis.call('HGET', KEYS[2], ARGV[1])
+if ticket and ticket ~= ARGV[2] then return {'stale'} end
+local now = tonumber(ARGV[3])
+if not redis.call('SET', KEYS[3], ARGV[2] == '' and '-' or ARGV[2], 'NX', 'PX', ARGV[4]) then
+  -- a copy runs; if it dies, the batch is due right after its lease (not a queue lease later)
+  local left = redis.call('PTTL', KEYS[3])
+  if left > 0 then redis.call('ZADD', KEYS[5], 'XX', now + left / 1000 + 1, ARGV[1]) end
+  return {'busy'}
+end
+local mode = 'run'
+if redis.call('EXISTS', KEYS[9]) == 1 then
+  if redis.call('SET', KEYS[10], '1', 'NX', 'PX', ARGV[5]) then
+    mode = 'probe-paused'
+  else
+    return {'paused', false, {}, redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[9])}
+  end
+else
+  local gate = redis.call('HGETALL', KEYS[7])
+  if #gate > 0 then
+    local untilv = tonumber(redis.call('HGET', KEYS[7], 'until') or '0')
+    if untilv > now or not redis.call('SET', KEYS[8], '1', 'NX', 'PX', ARGV[4]) then
+      return {'gated', false, {}, redis.call('HGETALL', KEYS[4]), gate}
+    end
+    mode = 'probe'
+  end
+end
+redis.call('ZREM', KEYS[11], ARGV[1])
+local crashed = 0
+if redis.call('HGET', KEYS[4], 'open') then
+  redis.call('HINCRBY', KEYS[4], 'crashes', 1)
+  crashed = 1
+end
+redis.call('HSET', KEYS[4], 'open', '1')
+redis.call('HINCRBY', KEYS[4], 'attempts', 1)
+redis.call('HINCRBY', KEYS[4], 'total', 1)
+redis.call('ZADD', KEYS[5], now + tonumber(ARGV[4]) / 1000 + 1, ARGV[1])
+return {mode, redis.call('GET', KEYS[1]), redis.call('SMEMBERS', KEYS[6]),
+        redis.call('HGETALL', KEYS[4]), {}, crashed}
+"""
+
+# KEYS: 1 due, 2 parked.  ARGV: 1 now, 2 spread (s), 3 limit.
+# Wakes parked batches: due now .. now + spread, in parking order. Returns how many.
+_WAKE = """
+local ids = redis.call('ZRANGE', KEYS[2], 0, tonumber(ARGV[3]) - 1)
+local now, spread = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], 'XX', now + spread * (i - 1) / #ids, id)
+  redis.call('ZREM', KEYS[2], id)
+end
+return #ids
+"""
+
+# KEYS: 1 gate, 2 gate probe.  ARGV: 1 now, 2 delay (s), 3 reason, 4 force (probe failed)
+# Closes the outage gate for ``delay`` unless another attempt closed it already (a
+# closed gate is not extended by the attempts that were in flight when it closed).
+# Returns {until, delay, 1 when this call closed it}.
+_CLOSE_GATE = """
+local now = tonumber(ARGV[1])
+local untilv = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
+if untilv > now and ARGV[4] ~= '1' then
+  return {tostring(untilv), redis.call('HGET', KEYS[1], 'delay') or '0', 0}
+end
+untilv = now + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'until', tostring(untilv), 'delay', ARGV[2], 'reason', ARGV[3],
+           'since', redis.call('HGET', KEYS[1], 'since') or tostring(now))
+redis.call('DEL', KEYS[2])
+return {tostring(untilv), ARGV[2], 1}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRetryState:
+    """What Redis remembers about a batch's attempts (its ``batch_state_key`` HASH); the
+    retry policy (``delivery.retry``) reads it."""
+
+    attempts: int = 0  # attempts in a row without progress, this one included once begun
+    total: int = 0  # every attempt ever begun
+    crashes: int = 0  # attempts in a row that never ended
+    spent: float = 0.0  # seconds of budget used
+    last: float = 0.0  # when the budget clock last ticked (0: not failing)
+
+    @classmethod
+    def from_redis(cls, raw: Mapping[str, str]) -> BatchRetryState:
+        return cls(
+            attempts=int(raw.get("attempts", 0) or 0),
+            total=int(raw.get("total", 0) or 0),
+            crashes=int(raw.get("crashes", 0) or 0),
+            spent=float(raw.get("spent", 0) or 0),
+            last=float(raw.get("last", 0) or 0),
+        )
+
+    def spent_at(self, now: float) -> float:
+        """Budget used by ``now`` if the clock kept running since it last ticked."""
+        return self.spent + (now - self.last if self.last else 0.0)
+
+
+@dataclass
+class Begun:
+    """What ``begin`` found. ``status``: ``run``, ``probe`` (gate), ``probe-paused``,
+    ``gated``, ``paused``, ``gone``, ``stale`` or ``busy``."""
+
+    status: str
+    batch: Batch | None = None
+    done: set[str] = field(default_factory=set)
+    state: BatchRetryState = field(default_factory=BatchRetryState)
+    crashed: bool = False  # the previous attempt never ended
+    info: dict[str, str] = field(default_factory=dict)  # gate or pause fields
+
+    @property
+    def runs(self) -> bool:
+        return self.status in {"run", "probe", "probe-paused"}
+
+    @property
+    def probe(self) -> bool:
+        return self.status in {"probe", "probe-paused"}
+
+
+def _str_map(flat: Sequence[Any]) -> dict[str, str]:
+    def s(v: Any) -> str:
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    return {s(flat[i]): s(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
+def new_token() -> str:
+    return secrets.token_hex(8)
 
 
 class BatchStore:
@@ -65,71 +292,196 @@ class BatchStore:
         self.staged = c.staged_key(service)
         self.inflight = c.inflight_key(service)
         self.inflight_bytes = c.inflight_bytes_key(service)
-        self.touched = c.touched_key(service)
+        self.inflight_raw_bytes = c.inflight_raw_bytes_key(service)
+        self.due = c.due_key(service)
+        self.tickets = c.tickets_key(service)
+        self.parked = c.parked_key(service)
+        self.stats = c.stats_key(service)
         self._finish = client.register_script(_FINISH)
-        self._orphans = client.register_script(_ORPHANS)
+        self._drop_lost = client.register_script(_DROP_LOST)
+        self._claim_due = client.register_script(_CLAIM_DUE)
+        self._confirm = client.register_script(_CONFIRM)
+        self._begin = client.register_script(_BEGIN)
+        self._wake = client.register_script(_WAKE)
+        self._close_gate = client.register_script(_CLOSE_GATE)
 
     def key(self, batch_id: str) -> str:
         return c.batch_key(self.service, batch_id)
 
-    def stage_many(self, items: Sequence[tuple[str, bytes, int]], owner: str) -> None:
-        """Store blobs and mark them staged and in flight, atomically: (id, blob, raw bytes)."""
-        now = f"{owner}|{time.time():.3f}"
+    def _batch_keys(self, batch_id: str) -> dict[str, str]:
+        s = self.service
+        return {
+            "blob": c.batch_key(s, batch_id),
+            "done": c.batch_done_key(s, batch_id),
+            "state": c.batch_state_key(s, batch_id),
+            "lease": c.batch_lease_key(s, batch_id),
+        }
+
+    # --- bridge side -----------------------------------------------------------------------
+
+    def stage_many(
+        self, items: Sequence[tuple[str, bytes, int]], owner: str, recovery_s: float
+    ) -> dict[str, str]:
+        """Store blobs as in flight, staged and due in ``recovery_s``, atomically:
+        (id, blob, raw bytes). Returns each batch's ticket token, for its task."""
+        now = time.time()
+        mark = f"{owner}|{now:.3f}"
         pipe = self.r.pipeline(transaction=True)
-        total = 0
+        compressed = raw = 0
+        tokens: dict[str, str] = {}
         for batch_id, blob, size in items:
+            tokens[batch_id] = new_token()
             pipe.set(self.key(batch_id), blob)
-            pipe.hset(self.staged, batch_id, now)
-            pipe.hset(self.inflight, batch_id, size)
-            total += size
-        pipe.incrby(self.inflight_bytes, total)
+            pipe.hset(self.inflight, batch_id, f"{len(blob)} {size}")
+            pipe.hset(self.staged, batch_id, mark)
+            pipe.hset(self.tickets, batch_id, tokens[batch_id])
+            pipe.zadd(self.due, {batch_id: now + recovery_s})
+            compressed += len(blob)
+            raw += size
+        pipe.incrby(self.inflight_bytes, compressed)
+        pipe.incrby(self.inflight_raw_bytes, raw)
         pipe.execute()
+        return tokens
 
     def confirm(
-        self, batch_ids: Sequence[str], stream: str, group: str, ids: Sequence[str]
+        self,
+        batches: Sequence[tuple[str, str, str, Sequence[str]]],
+        lease_s: float,
     ) -> None:
-        """The broker accepted the tasks: unstage and XACK, atomically."""
+        """The broker accepted these tasks: (batch id, stream, group, entry ids) each."""
+        due = time.time() + lease_s
         pipe = self.r.pipeline(transaction=True)
-        if batch_ids:
-            pipe.hdel(self.staged, *batch_ids)
-        if ids and stream and group:
-            pipe.xack(stream, group, *ids)
-            # counted here, in the same round trip: events handed to the broker
-            pipe.hincrby(c.stats_key(self.service), Counter.ENQUEUED.value, len(ids))
+        for batch_id, stream, group, ids in batches:
+            self._confirm(
+                keys=[self.staged, self.due, self.stats, stream if group else ""],
+                args=[batch_id, f"{due:.3f}", group, Counter.ENQUEUED.value, *ids],
+                client=pipe,
+            )
         pipe.execute()
 
-    def begin(self, batch_id: str) -> tuple[int, Batch | None, set[str]]:
-        """Count one more attempt (across retries and worker crashes, so a poison batch
-        cannot loop) and load the batch (None once finished) with the ids of its entries
-        already settled, in one round trip."""
-        attempts = c.batch_attempts_key(self.service, batch_id)
+    def claim_due(self, lease_s: float, limit: int) -> list[tuple[str, str]]:
+        """Take up to ``limit`` due batches (re-stamped now + ``lease_s``, each with a new
+        ticket): [(batch id, token)]. Atomic: a batch goes to one claimer only."""
+        raw = cast(
+            list[bytes],
+            self._claim_due(
+                keys=[self.due, self.tickets, self.parked],
+                args=[f"{time.time():.3f}", lease_s, limit, new_token()],
+            ),
+        )
+        flat = [x.decode() for x in raw]
+        return list(zip(flat[0::2], flat[1::2], strict=True))
+
+    def load(self, batch_ids: Sequence[str]) -> dict[str, Batch | None]:
         pipe = self.r.pipeline(transaction=False)
-        pipe.incr(attempts)
-        pipe.expire(attempts, 7 * 24 * 3600)
-        pipe.zadd(self.touched, {batch_id: time.time()})
+        for batch_id in batch_ids:
+            pipe.get(self.key(batch_id))
+        blobs = cast(list[bytes | None], pipe.execute())
+        return {
+            b: (decode(blob) if blob is not None else None)
+            for b, blob in zip(batch_ids, blobs, strict=True)
+        }
+
+    def drop_lost(self, batch_id: str) -> bool:
+        """Forget a batch whose blob vanished while indexed; True when it did vanish."""
+        k = self._batch_keys(batch_id)
+        keys = [
+            k["blob"], self.due, self.inflight, self.inflight_bytes, self.inflight_raw_bytes,
+            self.staged, self.tickets, k["state"], k["done"], self.parked, k["lease"], self.stats,
+        ]  # fmt: skip
+        return bool(self._drop_lost(keys=keys, args=[batch_id, Counter.BLOBS_LOST.value]))
+
+    def due_soon(self, batch_ids: Sequence[str], delay_s: float) -> None:
+        """Publishing failed: make these due again shortly (still in flight only)."""
+        if batch_ids:
+            due = time.time() + delay_s
+            self.r.zadd(self.due, dict.fromkeys(batch_ids, due), xx=True)
+
+    def mine_due_now(self, owner: str) -> int:
+        """A restarting bridge re-publishes its own staged batches at once."""
+        now = time.time()
+        ids = [b for b, (who, _) in self.staged_batches().items() if who == owner]
+        if ids:
+            self.r.zadd(self.due, dict.fromkeys(ids, now), xx=True)
+        return len(ids)
+
+    def index_unindexed(self, lease_s: float) -> int:
+        """Put any in-flight batch missing from the due index into it (batches of an earlier
+        version, which had no index): due after ``lease_s``. Returns how many."""
+        ids = [k.decode() for k in cast(list[bytes], self.r.hkeys(self.inflight))]
+        if not ids:
+            return 0
+        due = time.time() + lease_s
+        added = 0
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            added += cast(int, self.r.zadd(self.due, dict.fromkeys(chunk, due), nx=True))
+        return added
+
+    # --- worker side -----------------------------------------------------------------------
+
+    def begin(self, batch_id: str, token: str | None, lease_s: float, probe_s: float) -> Begun:
+        """One round trip: check, lock and (for a running attempt) count and load."""
+        k = self._batch_keys(batch_id)
+        s = self.service
+        keys = [
+            k["blob"], self.tickets, k["lease"], k["state"], self.due, k["done"],
+            c.gate_key(s), c.gate_probe_key(s), c.pause_key(s), c.pause_probe_key(s), self.parked,
+        ]  # fmt: skip
+        args: list[str | int] = [
+            batch_id,
+            token or "",
+            f"{time.time():.3f}",
+            int(lease_s * 1000),
+            int(probe_s * 1000),
+        ]
+        reply = cast(list[Any], self._begin(keys=keys, args=args))
+        status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if len(reply) == 1:
+            return Begun(status)
+        raw_state = _str_map(reply[3])
+        begun = Begun(
+            status,
+            state=BatchRetryState.from_redis(raw_state),
+            info=_str_map(reply[4]),
+            crashed=False,
+        )
+        if begun.runs:
+            begun.batch = decode(reply[1])
+            begun.done = {m.decode() for m in reply[2]}
+            begun.crashed = int(reply[5]) == 1
+        return begun
+
+    def state_key(self, batch_id: str) -> str:
+        return c.batch_state_key(self.service, batch_id)
+
+    def load_one(self, batch_id: str) -> tuple[Batch | None, set[str]]:
+        """A batch and the ids of its entries already settled."""
+        pipe = self.r.pipeline(transaction=False)
         pipe.get(self.key(batch_id))
         pipe.smembers(c.batch_done_key(self.service, batch_id))
-        attempt, _, _, blob, done = pipe.execute()
+        blob, done = pipe.execute()
         if blob is None:
-            self.r.delete(attempts)
-            self.r.zrem(self.touched, batch_id)
-            return int(attempt), None, set()
-        return int(attempt), decode(blob), {m.decode() for m in done}
+            return None, set()
+        return decode(blob), {m.decode() for m in done}
 
     def finish(
         self, batch_id: str, batch: Batch, pipe: redis.client.Pipeline | None = None
     ) -> None:
+        """The batch is settled (see the module docstring, step 6). Its reply is
+        ``[in flight, XACK error]`` (in ``pipe``'s results when given)."""
+        k = self._batch_keys(batch_id)
         keys = [
-            self.key(batch_id),
-            self.staged,
-            self.inflight,
-            self.inflight_bytes,
-            c.batch_done_key(self.service, batch_id),
-            c.batch_attempts_key(self.service, batch_id),
-            batch.stream,
-            self.touched,
+            k["blob"], self.staged, self.inflight, self.inflight_bytes, self.inflight_raw_bytes,
+            k["done"], k["state"], k["lease"], self.due, self.tickets, self.parked, self.stats,
+            batch.stream if batch.group else "",
+        ]  # fmt: skip
+        args: list[Any] = [
+            batch_id,
+            batch.group,
+            Counter.XACK_FAILED.value,
+            *(e.entry_id for e in batch.entries),
         ]
-        args: list[Any] = [batch_id, batch.group, *(e.entry_id for e in batch.entries)]
         self._finish(keys=keys, args=args, client=pipe)
 
     def mark_done(
@@ -138,23 +490,134 @@ class BatchStore:
         if entry_ids:
             pipe.sadd(c.batch_done_key(self.service, batch_id), *entry_ids)
 
-    def claim_orphans(self, older_than_s: float) -> list[str]:
-        """Batches whose task was lost after an attempt began (see ``touched_key``)."""
-        now = time.time()
-        ids = cast(list[bytes], self._orphans(keys=[self.touched], args=[now - older_than_s, now]))
-        return [i.decode() for i in ids]
+    def reschedule(
+        self,
+        batch_id: str,
+        due: float,
+        pipe: redis.client.Pipeline,
+        *,
+        state: Mapping[str, str] | None = None,
+        ended: bool = True,
+        reset: Sequence[str] = (),
+        park: bool = False,
+    ) -> None:
+        """The attempt (or parked begin) is over: come back at ``due``; release the lease.
 
-    def reset_attempts(self, batch_id: str, pipe: redis.client.Pipeline) -> None:
-        """An attempt made progress: count the next ones afresh."""
-        pipe.delete(c.batch_attempts_key(self.service, batch_id))
+        ``ended``: the attempt reached its end (clears the crash marker and count);
+        ``state``: retry-state fields to store; ``reset``: fields to delete; ``park``: wait
+        for a wake-up (outage gate, credentials pause)."""
+        k = self._batch_keys(batch_id)
+        if ended:
+            pipe.hdel(k["state"], "open")
+            pipe.hset(k["state"], "crashes", 0)
+        if reset:
+            pipe.hdel(k["state"], *reset)
+        if state:
+            pipe.hset(k["state"], mapping=dict(state))  # type: ignore[arg-type]
+        pipe.zadd(self.due, {batch_id: due})  # the lease is held: the batch is in flight
+        if park:
+            pipe.zadd(self.parked, {batch_id: time.time()})
+        pipe.delete(k["lease"])
+
+    def abandon(self, batch_id: str, due: float) -> None:
+        """An attempt raised past its handler: release the lease, come back at ``due``; the
+        crash marker stays, so the next begin counts it."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zadd(self.due, {batch_id: due}, xx=True)  # unless it finished meanwhile
+        pipe.delete(c.batch_lease_key(self.service, batch_id))
+        pipe.execute()
+
+    def defer(self, batch_id: str, due: float) -> None:
+        """Move a batch's due time (no attempt began: e.g. the backend cannot be built)."""
+        self.r.zadd(self.due, {batch_id: due}, xx=True)
+
+    # --- the service: gate and pause -------------------------------------------------------
+
+    def close_gate(self, delay: float, reason: str, *, force: bool) -> tuple[float, bool]:
+        """Close the outage gate for ``delay`` s (unless already closed and not ``force``).
+        Returns (until, whether this call closed it)."""
+        s = self.service
+        until, _, closed = cast(
+            list[Any],
+            self._close_gate(
+                keys=[c.gate_key(s), c.gate_probe_key(s)],
+                args=[f"{time.time():.3f}", f"{delay:.3f}", reason, "1" if force else "0"],
+            ),
+        )
+        return float(until), bool(closed)
+
+    def gate(self) -> dict[str, str]:
+        return {
+            k.decode(): v.decode()
+            for k, v in cast(dict[bytes, bytes], self.r.hgetall(c.gate_key(self.service))).items()
+        }
+
+    def open_gate(self) -> bool:
+        """The service works again; True when a gate or pause was in place."""
+        s = self.service
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(c.gate_key(s), c.pause_key(s))
+        pipe.delete(c.gate_probe_key(s), c.pause_probe_key(s))
+        n, _ = pipe.execute()
+        return bool(n)
+
+    def pause(self, reason: str, probe_s: float) -> bool:
+        """Pause the service (bad credentials); True when it was not paused yet. The next
+        probe is allowed after ``probe_s``."""
+        s = self.service
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hsetnx(c.pause_key(s), "since", f"{time.time():.3f}")
+        pipe.hset(c.pause_key(s), "reason", reason)
+        pipe.set(c.pause_probe_key(s), "1", px=int(probe_s * 1000))
+        first, _, _ = pipe.execute()
+        return bool(first)
+
+    def release_probe(self) -> None:
+        """A probe attempt sent nothing (every run filtered): another may probe."""
+        s = self.service
+        self.r.delete(c.gate_probe_key(s), c.pause_probe_key(s))
+
+    def paused(self) -> dict[str, str]:
+        return {
+            k.decode(): v.decode()
+            for k, v in cast(dict[bytes, bytes], self.r.hgetall(c.pause_key(self.service))).items()
+        }
+
+    def probe_now(self) -> bool:
+        """A worker started: if the service is paused, the next attempt probes at once (the
+        operator fixed the key and restarted): clear the probe interval and make the
+        earliest batch due now. True when the service was paused."""
+        s = self.service
+        if not self.r.exists(c.pause_key(s)):
+            return False
+        self.r.delete(c.pause_probe_key(s))
+        first = cast(list[bytes], self.r.zrange(self.due, 0, 0))
+        if first:
+            self.r.zadd(self.due, {first[0].decode(): time.time()}, xx=True)
+        return True
+
+    def wake(self, spread_s: float, limit: int = 100_000) -> int:
+        """Parked batches become due now, spread over ``spread_s``; returns how many."""
+        return int(
+            self._wake(keys=[self.due, self.parked], args=[f"{time.time():.3f}", spread_s, limit])
+        )
+
+    def parked_count(self) -> int:
+        return int(self.r.zcard(self.parked))
+
+    # --- figures ---------------------------------------------------------------------------
 
     def in_flight(self) -> tuple[int, int]:
-        """(batches, raw bytes) staged or enqueued and not yet finished."""
+        """(batches, compressed bytes) stored by bridges and not yet finished."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hlen(self.inflight)
         pipe.get(self.inflight_bytes)
         count, size = pipe.execute()
         return int(count), int(size or 0)
+
+    def in_flight_raw_bytes(self) -> int:
+        """Raw (uncompressed event) bytes of the batches in flight."""
+        return int(cast(bytes | None, self.r.get(self.inflight_raw_bytes)) or 0)
 
     def staged_batches(self) -> dict[str, tuple[str, float]]:
         """batch id -> (owner consumer, staging time)."""
@@ -167,3 +630,13 @@ class BatchStore:
             except ValueError:
                 out[k.decode()] = (owner, 0.0)
         return out
+
+    def staged_among(self, batch_ids: Sequence[str]) -> set[str]:
+        """Which of these batches are staged (their entries not yet acknowledged)."""
+        if not batch_ids:
+            return set()
+        marks = cast(list[bytes | None], self.r.hmget(self.staged, list(batch_ids)))
+        return {b for b, m in zip(batch_ids, marks, strict=True) if m is not None}
+
+    def due_count(self) -> int:
+        return int(self.r.zcard(self.due))

@@ -14,11 +14,16 @@ import click
 import orjson
 import redis
 
-from dispatch_celery.cli.common import ConfigFail, settings_or_fail
+from dispatch_celery.cli.common import (
+    STATE_DIR,
+    ConfigFail,
+    DispatchGroup,
+    backend_or_fail,
+    services_or_fail,
+    settings_or_fail,
+)
 from dispatch_celery.errors import ConfigError, DispatchError
-from dispatch_celery.settings import Settings, redact_url, validate_service
-
-STATE_DIR = Path(".dispatch")
+from dispatch_celery.settings import Settings, redact_url
 
 
 def _client(settings: Settings) -> redis.Redis:
@@ -33,18 +38,11 @@ def _client(settings: Settings) -> redis.Redis:
     return client
 
 
-def _service(service: str, settings: Settings) -> str:
-    from dispatch_celery.registry import backend_class
-
-    try:
-        validate_service(service)
-        backend_class(service, settings)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    return service
+def _one(service: str) -> str:
+    return services_or_fail([service])[0]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=DispatchGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dispatch-celery")
 def main() -> None:
     """Deliver llm-proxy events from a Redis Stream to LLM observability backends."""
@@ -52,7 +50,11 @@ def main() -> None:
 
 @main.command()
 @click.option("--service", required=True, help="Backend to feed, e.g. file, helicone, lunary.")
-@click.option("--stream", help="Stream key [env DISPATCH_STREAM; llm-proxy-events].")
+@click.option(
+    "--stream",
+    help="Stream key, or several: comma-separated keys and/or glob patterns resolved with "
+    "SCAN (re-resolved every DISPATCH_STREAM_RESCAN s) [env DISPATCH_STREAM; llm-proxy-events].",
+)
 @click.option("--group", help="Consumer group [dispatch-<service>].")
 @click.option("--consumer", help="Consumer name, stable across restarts [hostname].")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Events per batch [100].")
@@ -85,7 +87,7 @@ def bridge(
         )
     except ConfigError as exc:
         raise ConfigFail(f"configuration error: {exc}") from None
-    _service(service, settings)
+    backend_or_fail(service, settings)
     _client(settings).close()  # fail in the foreground when Redis is unreachable
     stop = threading.Event()
 
@@ -153,48 +155,26 @@ def backends() -> None:
 @click.option("--service", "services", multiple=True, help="Only these services.")
 @click.option("--json", "as_json", is_flag=True)
 def status(services: tuple[str, ...], as_json: bool) -> None:
-    """Per service: stream length, lag, pending, in flight, queue, dead letters, trimmed."""
+    """Per service: streams (length, lag, pending), the in-flight buffer (batches,
+    compressed and raw bytes, high-water marks, intake rate, how long it lasts), queue,
+    dead letters, trimmed entries."""
     from dispatch_celery.app import create_app
-    from dispatch_celery.ops.status import known_services, service_status
+    from dispatch_celery.ops.status import format_status, known_services, service_status
     from dispatch_celery.registry import installed
 
     settings = settings_or_fail()
     client = _client(settings)
     app = create_app(settings)
-    names = list(services) or known_services(client, settings.stream, installed(settings))
-    rows = [service_status(client, settings.stream, s, app=app) for s in names]
+    names = services_or_fail(services) or known_services(
+        client, settings.stream, installed(settings)
+    )
+    rows = [service_status(client, settings.stream, s, app=app, settings=settings) for s in names]
     if as_json:
         click.echo(orjson.dumps([r.as_json() for r in rows], option=orjson.OPT_INDENT_2).decode())
         return
     click.echo(f"stream {settings.stream} on {redact_url(settings.redis_url)}")
-    header = (
-        "service",
-        "length",
-        "lag",
-        "pending",
-        "in-flight",
-        "queue",
-        "dead",
-        "trimmed",
-        "delivered",
-        "filtered",
-        "bridges",
-    )
-    click.echo("".join(f"{h:>10}" if i else f"{h:<12}" for i, h in enumerate(header)))
-    for r in rows:
-        vals = (
-            r.stream_length,
-            "-" if r.lag is None else r.lag,
-            r.pending,
-            r.batches_in_flight,
-            "-" if r.queue_depth is None else r.queue_depth,
-            r.dead_letters,
-            r.trimmed_unread,
-            r.counters["delivered"],
-            r.counters["filtered"],
-            len(r.bridges),
-        )
-        click.echo(f"{r.service:<12}" + "".join(f"{v!s:>10}" for v in vals))
+    for line in format_status(rows):
+        click.echo(line)
 
 
 @main.group()
@@ -210,7 +190,7 @@ def dlq_list(service: str, limit: int, as_json: bool) -> None:
     from dispatch_celery.delivery.deadletters import DeadLetters
 
     client = _client(settings_or_fail())
-    letters = list(DeadLetters(client, validate_service(service)).iter(limit))
+    letters = list(DeadLetters(client, _one(service)).iter(limit))
     if as_json:
         click.echo(
             orjson.dumps([d.as_json() for d in letters], option=orjson.OPT_INDENT_2).decode()
@@ -228,7 +208,7 @@ def dlq_show(service: str, dlq_id: str) -> None:
     from dispatch_celery.delivery.deadletters import DeadLetters
 
     client = _client(settings_or_fail())
-    d = DeadLetters(client, validate_service(service)).get(dlq_id)
+    d = DeadLetters(client, _one(service)).get(dlq_id)
     if d is None:
         raise click.ClickException(f"no dead letter {dlq_id} for {service}")
     click.echo(orjson.dumps(d.as_json(), option=orjson.OPT_INDENT_2).decode())
@@ -246,7 +226,7 @@ def dlq_replay(service: str, ids: tuple[str, ...]) -> None:
     settings = settings_or_fail()
     client = _client(settings)
     app = create_app(settings)
-    n = DeadLetters(client, _service(service, settings)).replay(
+    n = DeadLetters(client, backend_or_fail(service, settings)).replay(
         Enqueuer(app, service), ids=list(ids) or None, batch_size=settings.batch_size
     )
     click.echo(f"replayed {n} dead letters of {service}")
@@ -261,7 +241,7 @@ def dlq_purge(service: str, yes: bool, ids: tuple[str, ...]) -> None:
     from dispatch_celery.delivery.deadletters import DeadLetters
 
     client = _client(settings_or_fail())
-    dl = DeadLetters(client, validate_service(service))
+    dl = DeadLetters(client, _one(service))
     what = f"{len(ids)} dead letters" if ids else f"all {dl.count()} dead letters"
     if not yes and not click.confirm(f"Delete {what} of {service}?", default=False):
         raise click.ClickException("aborted; nothing deleted")
@@ -279,24 +259,25 @@ def dlq_purge(service: str, yes: bool, ids: tuple[str, ...]) -> None:
 @click.option("--maxlen", type=click.IntRange(min=1), help="Trim like llm-proxy (MAXLEN ~N).")
 def publish(sample: int | None, source: Path | None, maxlen: int | None) -> None:
     """Write events into the stream, like llm-proxy does."""
-    from dispatch_celery.cli.publish import publish_archive, publish_events
+    from dispatch_celery.cli.publish import publish_archive, publish_events, publish_targets
 
     if (sample is None) == (source is None):
         raise click.UsageError("give exactly one of --sample N or --from FILE")
     settings = settings_or_fail()
     client = _client(settings)
+    keys = publish_targets(client, settings.stream)
     if sample is not None:
         from dispatch_celery.cli.sample import sample_events
 
-        n = publish_events(client, settings.stream, sample_events(sample), maxlen=maxlen)
-        click.echo(f"published {n} sample events to {settings.stream}")
+        n = publish_events(client, keys, sample_events(sample), maxlen=maxlen)
+        click.echo(f"published {n} sample events to {', '.join(keys)}")
     elif source is not None:
-        try:
-            kept, fresh = publish_archive(client, settings.stream, source)
+        try:  # an archive keeps its entry ids: into one stream (the first key)
+            kept, fresh = publish_archive(client, keys[0], source)
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(
-            f"published {kept + fresh} events to {settings.stream} "
+            f"published {kept + fresh} events to {keys[0]} "
             f"({kept} with their original ids, {fresh} with new ids)"
         )
 
@@ -311,7 +292,7 @@ def up(service: str, sample: int, no_flower: bool) -> None:
     from dispatch_celery.cli.embedded import run_up
 
     settings = settings_or_fail()
-    _service(service, settings)
+    backend_or_fail(service, settings)
     try:
         code = run_up(
             settings,

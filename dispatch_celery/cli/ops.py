@@ -1,10 +1,10 @@
 """Operations commands of ``dispatch``: ``metrics`` and ``health``.
 
-Standalone click commands, registered on the main group by ``cli.py``
-(``main.add_command(metrics)``, ``main.add_command(health)``). Like the rest of the CLI
-they are thin: parse, build settings, call one function, map errors to exit codes
-(2: configuration, 1: runtime / unhealthy). This module does not import ``cli`` so that
-``cli`` can import it at the top without a cycle.
+Standalone click commands; ``cli/commands.py`` adds them to the main group
+(``main.add_command``) once it is defined, at the end of that module. Like the rest of the
+CLI they are thin: parse, build settings, call one function, map errors to exit codes
+(2: configuration, 1: runtime / unhealthy). This module never imports ``commands``, so the
+two cannot form an import cycle.
 """
 
 from __future__ import annotations
@@ -17,16 +17,9 @@ from typing import Any
 import click
 import orjson
 
-from dispatch_celery.cli.common import ConfigFail, settings_or_fail
+from dispatch_celery import constants as c
+from dispatch_celery.cli.common import ConfigFail, services_or_fail, settings_or_fail
 from dispatch_celery.errors import ConfigError
-from dispatch_celery.settings import validate_service
-
-
-def _services(names: tuple[str, ...]) -> list[str]:
-    try:
-        return [validate_service(n) for n in names]
-    except ConfigError as exc:
-        raise ConfigFail(str(exc)) from None
 
 
 @click.command("metrics")
@@ -54,7 +47,7 @@ def metrics(port: int | None, address: str, services: tuple[str, ...]) -> None:
     from dispatch_celery.ops.metrics import serve
 
     settings = settings_or_fail()
-    chosen = _services(services)
+    chosen = services_or_fail(services)
     configure_logging(settings.log_level, settings.log_format, secrets=known_secrets(settings))
     stop = threading.Event()
 
@@ -86,7 +79,7 @@ def metrics(port: int | None, address: str, services: tuple[str, ...]) -> None:
 @click.option(
     "--only",
     multiple=True,
-    type=click.Choice(["redis", "eviction", "bridges", "workers", "lag", "dead-letters"]),
+    type=click.Choice(c.HEALTH_CHECKS),
     help="Run only these checks (repeatable); Redis is always checked.",
 )
 @click.option(
@@ -98,14 +91,16 @@ def metrics(port: int | None, address: str, services: tuple[str, ...]) -> None:
 def health(
     services: tuple[str, ...], only: tuple[str, ...], timeout: float | None, as_json: bool
 ) -> None:
-    """Check Redis, its eviction policy, bridges, workers, lag and dead letters.
+    """Check Redis, its eviction policy, bridges, workers, lag, dead letters and buffer.
 
     Exit code 0 when healthy, 1 when a check failed, 2 on bad configuration."""
     from dispatch_celery.ops.health import check_health
 
     settings = settings_or_fail()
     try:
-        report = check_health(settings, services=_services(services), only=only, timeout=timeout)
+        report = check_health(
+            settings, services=services_or_fail(services), only=only, timeout=timeout
+        )
     except ConfigError as exc:
         raise ConfigFail(f"configuration error: {exc}") from None
     if as_json:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from itertools import cycle
 from pathlib import Path
 
 import orjson
@@ -14,19 +15,38 @@ CHUNK = 1000
 
 
 def publish_events(
-    client: redis.Redis, stream: str, events: Iterable[bytes], *, maxlen: int | None = None
+    client: redis.Redis,
+    stream: str | Sequence[str],
+    events: Iterable[bytes],
+    *,
+    maxlen: int | None = None,
 ) -> int:
-    """XADD each event as ``data``; returns how many were written."""
+    """XADD each event as ``data``, round-robin over the stream keys given (a producer
+    sharding its stream); returns how many were written."""
+    keys = cycle([stream] if isinstance(stream, str) else list(stream))
     n = 0
     pipe = client.pipeline(transaction=False)
     for data in events:
-        pipe.xadd(stream, {"data": data}, maxlen=maxlen, approximate=True)
+        pipe.xadd(next(keys), {"data": data}, maxlen=maxlen, approximate=True)
         n += 1
         if len(pipe) >= CHUNK:
             pipe.execute()
     if len(pipe):
         pipe.execute()
     return n
+
+
+def publish_targets(client: redis.Redis, spec: str) -> list[str]:
+    """The stream keys ``DISPATCH_STREAM`` names now (``ConfigError`` when a pattern
+    matches none: there is nothing to publish to)."""
+    from dispatch_celery.ingest.streamset import resolve
+
+    keys = resolve(client, spec)
+    if not keys:
+        raise ConfigError(
+            f"DISPATCH_STREAM={spec!r} matches no stream yet; name the keys to write to"
+        )
+    return keys
 
 
 def publish_archive(client: redis.Redis, stream: str, path: Path) -> tuple[int, int]:

@@ -5,23 +5,33 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import redis
 
 from dispatch_celery import constants as c
 from dispatch_celery.errors import StreamError
+from dispatch_celery.stats import Counter
 
 log = logging.getLogger("dispatch_celery.ingest.bridge")
 
-# KEYS: stream, stats hash, trim-cursor hash.  ARGV: group.
-# Returns {code, detail}: code >= 0 is the number of newly counted trimmed-unread entries,
-# -1 when Redis cannot tell (before 7.0: no entries-added), -2 when the group is unknown.
-# Logic: when the group's last-delivered id is older than the stream's first entry, every
-# entry between them was trimmed unread: entries-added - entries-read - length. The count
-# already reported for the same cursor is kept in the stats hash, so a gap is counted once
-# even when several bridges check it.
-_TRIMMED = """
+# KEYS: stream, stats hash, trim-cursor hash, per-stream trimmed hash.
+# ARGV: group, cursor field (one per stream and group), counter name, stream key
+# (and, for _READ, consumer and count).
+# count_trimmed() returns code, detail: code >= 0 is the number of newly counted
+# trimmed-unread entries, -1 when Redis cannot tell (before 7.0: no entries-added), -2 when
+# the group is unknown.
+# When the group's last-delivered id is older than the stream's first entry, the entries
+# between them were trimmed unread: entries-added - entries-read - length. Two Redis
+# behaviours (measured): from 7.2 (and Valkey) a read past such a gap corrects the group's
+# entries-read, so the formula gives that gap alone and the gap must be counted *before*
+# it is read past (the bridge reads through _READ while it is behind: check and read in
+# one atomic call); the count already reported for the same cursor is kept, so a gap is
+# counted once even when several bridges check it. Redis 7.0 leaves entries-read short by
+# every gap read past, so the formula is cumulative (also once the group has caught up:
+# entries-added - entries-read): the total counted so far is kept instead. (Before several
+# streams the cursor field was the group alone; a 7.2 cursor there is still honoured.)
+_COUNT = """
 local function field(arr, name)
   for i = 1, #arr, 2 do if arr[i] == name then return arr[i + 1] end end
   return nil
@@ -32,37 +42,75 @@ local function older(a, b)
   ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
   return ams < bms or (ams == bms and aseq < bseq)
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 'no stream'} end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local first = field(info, 'first-entry')
-if not first then return {0, 'empty'} end
-local first_id = first[1]
-local length = tonumber(field(info, 'length'))
-local added = field(info, 'entries-added')
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  if field(g, 'name') == ARGV[1] then
-    local last = field(g, 'last-delivered-id')
-    if last == '0-0' or not older(last, first_id) then return {0, 'ok'} end
-    local read = field(g, 'entries-read')
-    if not added or not read then return {-1, last} end
-    local missed = tonumber(added) - tonumber(read) - length
-    local prev = redis.call('HGET', KEYS[3], ARGV[1])
-    local counted = 0
-    if prev then
-      local cur, n = string.match(prev, '(.+)|(%d+)')
-      if cur == last then counted = tonumber(n) end
+local function count_trimmed()
+  if redis.call('EXISTS', KEYS[1]) == 0 then return 0, 'no stream' end
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  local first = field(info, 'first-entry')
+  if not first then return 0, 'empty' end
+  local first_id = first[1]
+  local length = tonumber(field(info, 'length'))
+  local added = field(info, 'entries-added')
+  local per_gap = (redis.REDIS_VERSION_NUM or 0) >= 0x070200
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    if field(g, 'name') == ARGV[1] then
+      local last = field(g, 'last-delivered-id')
+      if last == '0-0' then return 0, 'ok' end
+      local read = field(g, 'entries-read')
+      local missed
+      if older(last, first_id) then
+        if not added or not read then return -1, last end
+        missed = tonumber(added) - tonumber(read) - length
+      elseif not per_gap and added and read and last == field(info, 'last-generated-id') then
+        missed = tonumber(added) - tonumber(read)
+      else
+        return 0, 'ok'
+      end
+      local counted = 0
+      local prev = redis.call('HGET', KEYS[3], ARGV[2])
+      if per_gap then
+        prev = prev or redis.call('HGET', KEYS[3], ARGV[1])
+        if prev then
+          local cur, n = string.match(prev, '(.+)|(%d+)')
+          if cur == last then counted = tonumber(n) end
+        end
+      elseif prev then
+        local n = string.match(prev, '^total|(%d+)$')
+        if n then counted = tonumber(n) end
+      end
+      local delta = missed - counted
+      if delta > 0 then
+        redis.call('HINCRBY', KEYS[2], ARGV[3], delta)
+        redis.call('HINCRBY', KEYS[4], ARGV[4], delta)
+        local mark = per_gap and (last .. '|' .. missed) or ('total|' .. missed)
+        redis.call('HSET', KEYS[3], ARGV[2], mark)
+        return delta, last
+      end
+      return 0, last
     end
-    local delta = missed - counted
-    if delta > 0 then
-      redis.call('HINCRBY', KEYS[2], 'trimmed_unread', delta)
-      redis.call('HSET', KEYS[3], ARGV[1], last .. '|' .. missed)
-      return {delta, last}
-    end
-    return {0, last}
   end
+  return -2, 'no group'
 end
-return {-2, 'no group'}
 """
+_CHECK = (
+    _COUNT
+    + """
+local n, detail = count_trimmed()
+return {n, detail}
+"""
+)
+# The same check, then XREADGROUP '>' in the same atomic call: nothing can be trimmed
+# between counting a gap and reading past it.
+_READ = (
+    _COUNT
+    + """
+local n, detail = count_trimmed()
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[5], 'COUNT', ARGV[6],
+  'STREAMS', KEYS[1], '>')
+return {n, detail, reply}
+"""
+)
+
+Reply = list[tuple[bytes, dict[bytes, bytes] | None]]
 
 
 @dataclass
@@ -79,7 +127,8 @@ class StreamAdmin:
         self.stream = stream
         self.group = group
         self.service = service
-        self._trimmed = client.register_script(_TRIMMED)
+        self._check = client.register_script(_CHECK)
+        self._read = client.register_script(_READ)
         self._warned_unknown = ""
 
     def ensure_group(self) -> None:
@@ -98,16 +147,39 @@ class StreamAdmin:
             if "BUSYGROUP" not in str(exc):
                 raise StreamError(f"cannot create group {self.group!r}: {exc}") from exc
 
+    def _keys_args(self) -> tuple[list[str], list[str]]:
+        keys = [
+            self.stream,
+            c.stats_key(self.service),
+            c.trim_cursor_key(self.service),
+            c.trimmed_streams_key(self.service),
+        ]
+        args = [
+            self.group,
+            f"{self.group}|{self.stream}",
+            Counter.TRIMMED_UNREAD.value,
+            self.stream,
+        ]
+        return keys, args
+
     def check_trimmed(self) -> int:
         """Count entries trimmed before our group read them; returns the new count."""
-        code, detail = cast(
-            list[int | bytes],
-            self._trimmed(
-                keys=[self.stream, c.stats_key(self.service), c.trim_cursor_key(self.service)],
-                args=[self.group],
-            ),
-        )
-        n = int(code)
+        keys, args = self._keys_args()
+        code, detail = cast(list[int | bytes], self._check(keys=keys, args=args))
+        return self._report(int(code), detail)
+
+    def read_counted(self, consumer: str, count: int) -> Reply:
+        """XREADGROUP ``>`` (no blocking) right after counting a trimmed gap, atomically:
+        how a bridge reads while it is behind (see ``_COUNT``)."""
+        keys, args = self._keys_args()
+        code, detail, reply = cast(list[Any], self._read(keys=keys, args=[*args, consumer, count]))
+        self._report(int(code), detail)
+        if not reply:
+            return []
+        entries = reply[0][1]
+        return [(eid, dict(zip(flat[::2], flat[1::2], strict=True))) for eid, flat in entries]
+
+    def _report(self, n: int, detail: object) -> int:
         where = detail.decode() if isinstance(detail, bytes) else str(detail)
         if n > 0:
             log.warning(

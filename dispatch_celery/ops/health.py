@@ -16,7 +16,18 @@ Checks, each ``ok``, ``warn`` (shown, does not fail) or ``fail``:
                   of llm-proxy's default MAXLEN ~10000, so this fails before the producer
                   trims unread entries away).
 ``dead-letters``  per service, dead letters <= ``DISPATCH_HEALTH_MAX_DEAD_LETTERS`` (100);
-                  any dead letter is a warning.
+                  any dead letter is a warning; dead letters dropped at the stream's bound
+                  (``DISPATCH_DEADLETTER_MAX_LEN``) are a failure.
+``buffer``        per service, the in-flight buffer below ``DISPATCH_HEALTH_MAX_BUFFER``
+                  percent (80) of its high-water mark (batches or compressed bytes): it
+                  fails *before* the bridge has to stop reading (after which the producer's
+                  trimming loses events); the detail says how long the buffer lasts at the
+                  current intake rate. Warns when Redis' ``maxmemory`` could not hold a
+                  full buffer (Redis would refuse writes, llm-proxy's included, first).
+``paused``        per service, not paused for bad credentials (fails naming the variable
+                  to fix; batches wait in flight, nothing dead-letters, one attempt probes
+                  every ``DISPATCH_CREDENTIALS_PROBE_INTERVAL``); warns while the outage
+                  gate is closed (the vendor is failing; requests are held back).
 
 Thresholds can be set per service too (``DISPATCH_<SERVICE>_HEALTH_MAX_LAG``). Without
 ``--service``, the services checked are those in use: a consumer group on the stream or a
@@ -27,6 +38,7 @@ live bridge heartbeat. ``--only`` narrows the checks (e.g. a container health ch
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
@@ -36,13 +48,16 @@ from celery import Celery
 
 from dispatch_celery import constants as c
 from dispatch_celery.app import create_app
+from dispatch_celery.batches.buffer import BufferStatus, human_bytes, human_seconds
 from dispatch_celery.errors import ConfigError
 from dispatch_celery.ops.status import bridges, known_services, service_status
 from dispatch_celery.settings import Settings, redact_url
 
-CHECKS = ("redis", "eviction", "bridges", "workers", "lag", "dead-letters")
+CHECKS = c.HEALTH_CHECKS
+_STATUS_CHECKS = frozenset({"lag", "dead-letters", "buffer"})  # read service_status
 DEFAULT_MAX_LAG = 5000
 DEFAULT_MAX_DEAD_LETTERS = 100
+DEFAULT_MAX_BUFFER_PERCENT = 80
 DEFAULT_TIMEOUT_S = 2.0
 _HEARTBEAT_RE = re.compile(rf"^{c.PREFIX}:bridge:([^:]+):")
 
@@ -220,7 +235,7 @@ def check_health(
         report.add("redis", "ok", f"{redact_url(settings.redis_url)} answers")
         if "eviction" in wanted:
             _check_eviction(client, report)
-        per_service = wanted & {"bridges", "workers", "lag", "dead-letters"}
+        per_service = wanted & ({"bridges", "workers"} | _STATUS_CHECKS)
         names = list(services) or services_in_use(client, settings.stream)
         if per_service and not names:
             report.add(
@@ -255,6 +270,37 @@ def check_health(
     return report
 
 
+def _check_paused(client: redis.Redis, service: str, report: HealthReport) -> None:
+    """The credentials pause and the outage gate of ``delivery.retry``."""
+    from dispatch_celery.batches.state import BatchStore
+
+    store = BatchStore(client, service)
+    paused = store.paused()
+    if paused:
+        since = float(paused.get("since") or 0)
+        age = f" for {time.time() - since:.0f}s" if since else ""
+        report.add(
+            "paused",
+            "fail",
+            f"delivery paused{age}: {paused.get('reason', 'credentials refused')}; nothing is "
+            "dead-lettered, batches wait in flight and resume once a probe gets through",
+            service,
+        )
+        return
+    gate = store.gate()
+    until = float(gate.get("until") or 0)
+    if gate and until > time.time():
+        report.add(
+            "paused",
+            "warn",
+            f"outage gate closed for {until - time.time():.0f}s more (the service is failing: "
+            f"{gate.get('reason', '?')}); one probe at its end",
+            service,
+        )
+        return
+    report.add("paused", "ok", "delivering", service)
+
+
 def _check_service(
     *,
     settings: Settings,
@@ -270,9 +316,11 @@ def _check_service(
         _check_bridges(client, service, report)
     if "workers" in wanted:
         _check_workers(queues, error, service, report, timeout)
-    if not wanted & {"lag", "dead-letters"}:
+    if "paused" in wanted:
+        _check_paused(client, service, report)
+    if not wanted & _STATUS_CHECKS:
         return
-    status = service_status(client, settings.stream, service)
+    status = service_status(client, settings.stream, service, settings=settings)
     if "lag" in wanted:
         max_lag = _threshold(settings, service, "HEALTH_MAX_LAG", DEFAULT_MAX_LAG)
         if not status.group_exists:
@@ -288,4 +336,59 @@ def _check_service(
         n = status.dead_letters
         level = "fail" if n > limit else "warn" if n else "ok"
         hint = f"; see `dispatch dlq list --service {service}`" if n else ""
+        if status.dead_letters_trimmed:
+            level = "fail"
+            hint += (
+                f"; {status.dead_letters_trimmed} older ones dropped at the bound "
+                f"(DISPATCH_DEADLETTER_MAX_LEN={settings.deadletter_max_len})"
+            )
         report.add("dead-letters", level, f"{n} (max {limit}){hint}", service)
+    if "buffer" in wanted:
+        limit = _threshold(settings, service, "HEALTH_MAX_BUFFER", DEFAULT_MAX_BUFFER_PERCENT)
+        _check_buffer(client, status.buffer, limit, service, report)
+
+
+def _maxmemory(client: redis.Redis) -> int:
+    """Redis' maxmemory (0: none, or not readable)."""
+    try:
+        return int(cast(dict[str, str], client.config_get("maxmemory")).get("maxmemory", 0))
+    except (redis.ResponseError, ValueError):
+        return 0
+
+
+def _check_buffer(
+    client: redis.Redis, buf: BufferStatus, limit: int, service: str, report: HealthReport
+) -> None:
+    percent = buf.fill * 100
+    rate = (
+        f"; at {buf.intake_eps:,.0f} events/s it holds {human_seconds(buf.seconds_to_full)} "
+        "of an outage"
+        if buf.intake_eps is not None
+        else ""
+    )
+    detail = (
+        f"{percent:.0f} % full (max {limit} %): {buf.batches} of {buf.high_water_batches} "
+        f"batches, {human_bytes(buf.compressed_bytes)} of {human_bytes(buf.high_water_bytes)} "
+        f"compressed ({human_bytes(buf.raw_bytes)} raw){rate}"
+    )
+    if percent >= limit:
+        report.add(
+            "buffer",
+            "fail",
+            f"{detail}; the bridge stops reading when it is full and the producer's "
+            "trimming then loses events: workers are behind or the vendor is failing",
+            service,
+        )
+        return
+    maxmemory = _maxmemory(client)
+    if maxmemory and buf.high_water_bytes > maxmemory * 0.8:
+        report.add(
+            "buffer",
+            "warn",
+            f"{detail}; DISPATCH_HIGH_WATER_BYTES ({human_bytes(buf.high_water_bytes)}) is "
+            f"over 80 % of Redis maxmemory ({human_bytes(maxmemory)}): Redis would refuse "
+            "writes (llm-proxy's too) before the buffer is full; lower it or raise maxmemory",
+            service,
+        )
+        return
+    report.add("buffer", "ok", detail, service)

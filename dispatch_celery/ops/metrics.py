@@ -18,12 +18,22 @@ dispatch_events_enqueued_total            counter    events the bridges handed t
 dispatch_batches_total                    counter    batches finished
 dispatch_delivery_retries_total           counter    delivery attempts that were retried
 dispatch_stream_trimmed_unread_total      counter    entries the producer trimmed unread
+dispatch_dead_letters_trimmed_total       counter    oldest dead letters dropped at the bound
+                                                     (DISPATCH_DEADLETTER_MAX_LEN)
 dispatch_delivery_latency_seconds         histogram  event end (stream entry time) to delivery
 dispatch_stream_lag                       gauge      entries the group has not read yet
 dispatch_stream_pending                   gauge      read by a bridge, not yet acknowledged
 dispatch_queue_depth                      gauge      tasks waiting on the broker queue
 dispatch_batches_in_flight                gauge      batches enqueued and not yet finished
-dispatch_bytes_in_flight                  gauge      their raw size
+dispatch_bytes_in_flight                  gauge      their compressed size, as stored in Redis
+                                                     (what DISPATCH_HIGH_WATER_BYTES limits)
+dispatch_raw_bytes_in_flight              gauge      their raw (uncompressed event) size
+dispatch_buffer_fill_ratio                gauge      in-flight share of the high-water mark
+                                                     (0..1, the larger of batches and bytes)
+dispatch_buffer_high_water_bytes          gauge      the high-water mark in compressed bytes
+dispatch_intake_events_per_second         gauge      the producer's rate, as bridges measure it
+dispatch_buffer_seconds_to_full           gauge      time until the high-water mark at that
+                                                     rate if nothing were delivered
 dispatch_dead_letters                     gauge      entries now in the dead-letter stream
 dispatch_bridges                          gauge      bridges with a live heartbeat
 dispatch_redis_up                         gauge      1 when Redis answered this scrape (no label)
@@ -37,6 +47,7 @@ declared) is left out of the scrape rather than reported as 0.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
@@ -73,17 +84,45 @@ _COUNTERS: tuple[tuple[str, str, Counter], ...] = (
     ("dispatch_stream_trimmed_unread",
      "Entries the producer trimmed from the stream before the group read them.",
      Counter.TRIMMED_UNREAD),
+    ("dispatch_dead_letters_trimmed",
+     "Oldest dead letters dropped at the stream's bound (DISPATCH_DEADLETTER_MAX_LEN).",
+     Counter.DEAD_LETTERS_TRIMMED),
 )  # fmt: skip
 
-# (metric name, help, ServiceStatus attribute)
-_GAUGES: tuple[tuple[str, str, str], ...] = (
-    ("dispatch_stream_lag", "Stream entries the service's group has not read yet.", "lag"),
-    ("dispatch_stream_pending", "Entries read by a bridge and not yet acknowledged.", "pending"),
-    ("dispatch_queue_depth", "Delivery tasks waiting on the broker queue.", "queue_depth"),
+
+def _seconds_to_full(s: ServiceStatus) -> float | None:
+    left = s.buffer.seconds_to_full
+    return None if left is None or math.isinf(left) else left
+
+
+# (metric name, help, value of a ServiceStatus; None: left out of the scrape)
+_GAUGES: tuple[tuple[str, str, Callable[[ServiceStatus], float | None]], ...] = (
+    ("dispatch_stream_lag", "Stream entries the service's group has not read yet.",
+     lambda s: s.lag),
+    ("dispatch_stream_pending", "Entries read by a bridge and not yet acknowledged.",
+     lambda s: s.pending),
+    ("dispatch_queue_depth", "Delivery tasks waiting on the broker queue.",
+     lambda s: s.queue_depth),
     ("dispatch_batches_in_flight", "Batches enqueued and not yet delivered or dead-lettered.",
-     "batches_in_flight"),
-    ("dispatch_bytes_in_flight", "Raw bytes of the batches in flight.", "bytes_in_flight"),
-    ("dispatch_dead_letters", "Entries currently in the dead-letter stream.", "dead_letters"),
+     lambda s: s.batches_in_flight),
+    ("dispatch_bytes_in_flight",
+     "Compressed bytes of the batches in flight, as stored in Redis (the high-water mark "
+     "DISPATCH_HIGH_WATER_BYTES limits them).", lambda s: s.bytes_in_flight),
+    ("dispatch_raw_bytes_in_flight", "Raw (uncompressed event) bytes of the batches in flight.",
+     lambda s: s.raw_bytes_in_flight),
+    ("dispatch_buffer_fill_ratio",
+     "In-flight share of the high-water mark, 0..1 (the larger of batches and bytes).",
+     lambda s: s.buffer.fill),
+    ("dispatch_buffer_high_water_bytes", "The high-water mark, in compressed bytes.",
+     lambda s: s.buffer.high_water_bytes),
+    ("dispatch_intake_events_per_second",
+     "Entries/s the producer adds to the service's streams, as its bridges measure it.",
+     lambda s: s.buffer.intake_eps),
+    ("dispatch_buffer_seconds_to_full",
+     "Seconds until the buffer reaches its high-water mark at the current intake rate if "
+     "nothing were delivered.", _seconds_to_full),
+    ("dispatch_dead_letters", "Entries currently in the dead-letter stream.",
+     lambda s: s.dead_letters),
 )  # fmt: skip
 
 
@@ -144,7 +183,7 @@ class DispatchCollector(Collector):
         )
         for service in services:
             status: ServiceStatus = service_status(
-                self.client, self.settings.stream, service, app=self.app
+                self.client, self.settings.stream, service, app=self.app, settings=self.settings
             )
             figures = status.counters
             for name, _, counter in _COUNTERS:
@@ -153,8 +192,8 @@ class DispatchCollector(Collector):
             filtered.add_metric([service, "sample"], figures.get(Counter.SAMPLED_OUT.value, 0))
             buckets, total, _count = stats.read_latency(self.client, service)
             latency.add_metric([service], [(le, float(n)) for le, n in buckets], total)
-            for name, _, attr in _GAUGES:
-                value = getattr(status, attr)
+            for name, _, value_of in _GAUGES:
+                value = value_of(status)
                 if value is not None:
                     gauges[name].add_metric([service], value)
             bridges.add_metric([service], len(status.bridges))

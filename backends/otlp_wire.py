@@ -1,0 +1,212 @@
+"""OTLP/HTTP trace export, the wire part: spans -> ``ExportTraceServiceRequest`` bodies
+(protobuf or OTLP/JSON, built with ``opentelemetry-proto``), split by a byte cap, and the
+receiver's ``ExportTraceServiceResponse`` read back (``partial_success``).
+
+No OpenTelemetry SDK here: its BatchSpanProcessor drops spans when its queue overflows and
+hides per-request outcomes, and the delivery contract needs both (nothing lost, per-run
+outcomes).
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import (
+    AnyValue,
+    ArrayValue,
+    InstrumentationScope,
+    KeyValue,
+)
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+from dispatch_celery.backends.genai import SpanData
+
+PROTOBUF = "http/protobuf"
+JSON = "http/json"
+PROTOCOLS = (PROTOBUF, JSON)
+CONTENT_TYPES = {PROTOBUF: "application/x-protobuf", JSON: "application/json"}
+# Room for the request's envelope (resource, scope) and each span's field header.
+_SPAN_FRAMING = 6
+
+
+def any_value(value: Any) -> AnyValue:
+    """A Python value -> ``AnyValue`` (bool before int: a bool is an int in Python)."""
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, list | tuple):
+        return AnyValue(array_value=ArrayValue(values=[any_value(v) for v in value]))
+    if isinstance(value, bytes):
+        return AnyValue(bytes_value=value)
+    return AnyValue(string_value=str(value))
+
+
+def key_values(attributes: Mapping[str, Any]) -> list[KeyValue]:
+    return [KeyValue(key=k, value=any_value(v)) for k, v in attributes.items() if v is not None]
+
+
+def to_proto(span: SpanData) -> Span:
+    status = (
+        Status(code=Status.STATUS_CODE_ERROR, message=span.error)
+        if span.error is not None
+        else Status(code=Status.STATUS_CODE_OK)
+    )
+    return Span(
+        trace_id=span.trace_id,
+        span_id=span.span_id,
+        name=span.name,
+        kind=Span.SPAN_KIND_CLIENT,
+        start_time_unix_nano=span.start_ns,
+        end_time_unix_nano=max(span.end_ns, span.start_ns),
+        attributes=key_values(span.attributes),
+        status=status,
+    )
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What every request of a backend shares: resource and instrumentation scope."""
+
+    resource: Mapping[str, Any]
+    scope_name: str
+    scope_version: str
+
+    def request(self, spans: Sequence[Span]) -> ExportTraceServiceRequest:
+        return ExportTraceServiceRequest(
+            resource_spans=[
+                ResourceSpans(
+                    resource=Resource(attributes=key_values(self.resource)),
+                    scope_spans=[
+                        ScopeSpans(
+                            scope=InstrumentationScope(
+                                name=self.scope_name, version=self.scope_version
+                            ),
+                            spans=list(spans),
+                        )
+                    ],
+                )
+            ]
+        )
+
+
+def _hex_ids(node: Any) -> Any:
+    """OTLP/JSON differs from the proto3 JSON mapping in one point: ids are hex, not base64."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key in {"traceId", "spanId", "parentSpanId"} and isinstance(value, str):
+                out[key] = _b64_to_hex(value)
+            else:
+                out[key] = _hex_ids(value)
+        return out
+    if isinstance(node, list):
+        return [_hex_ids(item) for item in node]
+    return node
+
+
+def _b64_to_hex(value: str) -> str:
+    import base64
+
+    return base64.b64decode(value).hex()
+
+
+def encode(request: ExportTraceServiceRequest, protocol: str) -> bytes:
+    if protocol == JSON:
+        as_dict = json_format.MessageToDict(request, use_integers_for_enums=True)
+        return orjson.dumps(_hex_ids(as_dict))
+    return request.SerializeToString()
+
+
+def span_size(span: Span, protocol: str) -> int:
+    """The span's share of an encoded request, close enough for a byte cap."""
+    if protocol == JSON:
+        return len(orjson.dumps(json_format.MessageToDict(span))) + 1  # the comma
+    return span.ByteSize() + _SPAN_FRAMING
+
+
+def pack(sizes: Sequence[int], overhead: int, limit: int) -> list[list[int]]:
+    """Greedy split of span indices into requests of at most ``limit`` bytes; a span that
+    is larger than the limit on its own travels alone."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    size = overhead
+    for index, extra in enumerate(sizes):
+        if current and size + extra > limit:
+            chunks.append(current)
+            current, size = [], overhead
+        current.append(index)
+        size += extra
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def compress(body: bytes) -> bytes:
+    return gzip.compress(body, compresslevel=6, mtime=0)
+
+
+@dataclass(frozen=True)
+class PartialSuccess:
+    rejected: int
+    message: str
+
+
+def read_response(body: bytes, content_type: str | None) -> PartialSuccess | None:
+    """The ``partial_success`` of a 2xx answer, or None when everything was accepted.
+
+    The answer is read in the encoding its ``Content-Type`` names (Langfuse answers ``{}`` as
+    JSON to a protobuf request); an answer that cannot be read is taken as full success:
+    the status said so, and the OTLP spec makes ``partial_success`` the only way to say
+    otherwise.
+    """
+    if not body.strip():
+        return None
+    kind = (content_type or "").lower()
+    if "json" in kind or body.lstrip()[:1] == b"{":
+        return _from_json(body)
+    response = ExportTraceServiceResponse()
+    try:
+        response.ParseFromString(body)
+    except DecodeError:
+        return _from_json(body)
+    if not response.HasField("partial_success"):
+        return None
+    partial = response.partial_success
+    if partial.rejected_spans <= 0:
+        return None  # an error_message alone is a warning, not a rejection
+    return PartialSuccess(int(partial.rejected_spans), partial.error_message)
+
+
+def _from_json(body: bytes) -> PartialSuccess | None:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    partial = doc.get("partialSuccess", doc.get("partial_success"))
+    if not isinstance(partial, dict):
+        return None
+    raw: Any = partial.get("rejectedSpans", partial.get("rejected_spans", 0))
+    try:
+        rejected = int(raw)
+    except (TypeError, ValueError):
+        return None
+    if rejected <= 0:
+        return None
+    message = partial.get("errorMessage", partial.get("error_message", ""))
+    return PartialSuccess(rejected, str(message or ""))

@@ -1,0 +1,184 @@
+"""Bridges and workers ride out Redis restarts and broker outages (issue 8).
+
+A private redis-server with AOF (``appendfsync everysec``) is shut down and started again on
+the same port; the pipeline's processes must not exit, must not busy-loop, and must deliver
+everything afterwards. Fast versions; tests/faults/ has the longer scenarios with figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from dispatch_celery import constants as c
+from tests.faults.kit import PrivateRedis
+from tests.harness import (
+    bridge,
+    event,
+    jsonl,
+    make,
+    pipeline_env,
+    spawn_worker,
+    stop_proc,
+    wait_for,
+    xadd_all,
+)
+
+STREAM = "llm-proxy-events"
+
+
+@pytest.fixture
+def private(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.close()
+
+
+def delivered(path: Path) -> list[str]:
+    return [rec["stream_id"] for rec in jsonl(path)]
+
+
+def test_the_bridge_survives_a_redis_restart_and_delivers_everything(
+    private: PrivateRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings, app, env = make(private.url, tmp_path)
+    r = private.client()
+    first = xadd_all(r, STREAM, [event(i) for i in range(50)])
+    w = spawn_worker(env, "file", tmp_path / "worker.log")
+    try:
+        with caplog.at_level(logging.WARNING, "dispatch_celery.ingest.bridge"):
+            with bridge(settings, app, "file") as b:
+                wait_for(lambda: len(delivered(tmp_path / "events.jsonl")) == 50, what="first 50")
+                private.shutdown()
+                time.sleep(5)
+                private.start()
+                r = private.client()
+                second = xadd_all(r, STREAM, [event(i) for i in range(50, 100)])
+                wait_for(
+                    lambda: set(delivered(tmp_path / "events.jsonl")) >= set(first + second),
+                    timeout=40,
+                    what="every event after the restart",
+                )
+                assert b.read_total >= 100
+            assert w.poll() is None, "the worker exited"
+    finally:
+        stop_proc(w)
+    waits = [m for m in caplog.messages if "unavailable" in m or "still waiting" in m]
+    assert 1 <= len(waits) <= 3, waits  # a clear line, not a busy loop
+    assert any("answer again" in m for m in caplog.messages)
+    assert r.xpending(STREAM, "dispatch-file")["pending"] == 0
+    ids = delivered(tmp_path / "events.jsonl")
+    assert len(ids) - len(set(ids)) <= 20  # at most a batch or so twice
+
+
+def test_a_broker_outage_leaves_entries_pending_and_loses_nothing(
+    private: PrivateRedis, redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    """The broker (here a Redis of its own) is away for 4 s while events arrive: the bridge
+    cannot publish, so it does not XACK; the entries stay pending and go out afterwards."""
+    settings, app, env = make(redis_url, tmp_path, DISPATCH_BROKER_URL=private.url)
+    w = spawn_worker(env, "file", tmp_path / "worker.log")
+    try:
+        with bridge(settings, app, "file") as b:
+            first = xadd_all(r, STREAM, [event(i) for i in range(30)])
+            wait_for(lambda: len(delivered(tmp_path / "events.jsonl")) == 30, what="first 30")
+            private.shutdown()
+            second = xadd_all(r, STREAM, [event(i) for i in range(30, 90)])
+            wait_for(lambda: b.read_total >= 90, what="read while the broker is away")
+            time.sleep(3)
+            # nothing acknowledged without a task on the broker: all of it is still pending
+            # or staged for a re-publish
+            pending = r.xpending(STREAM, "dispatch-file")["pending"]
+            assert pending == 60, pending
+            assert len(delivered(tmp_path / "events.jsonl")) == 30
+            private.start()
+            wait_for(
+                lambda: set(delivered(tmp_path / "events.jsonl")) >= set(first + second),
+                timeout=40,
+                what="every event after the broker came back",
+            )
+            wait_for(lambda: r.hlen(c.inflight_key("file")) == 0, what="nothing in flight")
+        assert w.poll() is None, "the worker exited"
+    finally:
+        stop_proc(w)
+    assert r.xpending(STREAM, "dispatch-file")["pending"] == 0
+    ids = delivered(tmp_path / "events.jsonl")
+    assert len(ids) - len(set(ids)) <= 20
+
+
+def test_a_worker_survives_a_redis_restart_in_the_middle_of_an_attempt(
+    private: PrivateRedis, tmp_path: Path
+) -> None:
+    """The worker (prefork, as in production) is delivering a batch when Redis (its broker
+    and the batch store) goes away for 5 s. The attempt rides it out (its Redis commands
+    are retried) and ends while the worker's main process is still blocked reconnecting;
+    the soft time limit (3 s here) passes meanwhile, and its stale timer fires once the
+    main loop resumes. The worker must not exit (it used to: "Unrecoverable error:
+    UnpicklingError"), and every event is delivered, later ones by the same worker."""
+    env = pipeline_env(private.url, tmp_path, DISPATCH_BATCH_SIZE="10")
+    settings, app, _ = make(private.url, tmp_path, DISPATCH_BATCH_SIZE="10")
+    r = private.client()
+    r.hset("test:flaky:flaky", "sleep", 1)
+    ids = xadd_all(r, STREAM, [event(i) for i in range(10)])
+    w = spawn_worker(env, "flaky", tmp_path / "worker.log", concurrency=1)
+    try:
+        with bridge(settings, app, "flaky"):
+            wait_for(lambda: r.llen("test:flaky:flaky:calls") >= 1, what="the attempt began")
+            private.shutdown()
+            time.sleep(5)
+            private.start()
+            r = private.client()
+            wait_for(
+                lambda: set(delivered(tmp_path / "flaky.jsonl")) >= set(ids),
+                timeout=40,
+                what="the batch delivered",
+            )
+            r.hset("test:flaky:flaky", "sleep", 0)
+            more = xadd_all(r, STREAM, [event(i) for i in range(10, 30)])
+            wait_for(
+                lambda: set(delivered(tmp_path / "flaky.jsonl")) >= set(ids + more),
+                timeout=30,
+                what="later events delivered by the same worker",
+            )
+            wait_for(lambda: r.hlen(c.inflight_key("flaky")) == 0, what="nothing in flight")
+            log = (tmp_path / "worker.log").read_text()
+            assert w.poll() is None, log[-3000:]
+        assert "Unrecoverable error" not in log
+        assert "Pool process" not in log  # no pool child killed by the stale timer either
+        assert "ignored a soft time limit that arrived after its attempt ended" in log
+    finally:
+        stop_proc(w)
+
+
+def test_closing_a_channel_whose_connection_is_gone_is_not_fatal(redis_url: str) -> None:
+    """kombu's Redis transport restores unacknowledged messages when a channel closes; after
+    the broker connection was lost, its transport's client may already be None, and the
+    restore raised AttributeError ('NoneType' object has no attribute 'hostname'), which
+    Celery treats as unrecoverable: the worker exited (issue 8). With create_app's patch
+    the close raises a connection error, which kombu ignores on close; the message stays
+    in ``unacked`` for the visibility-timeout sweep."""
+    from kombu import Connection, Exchange, Producer, Queue
+
+    from dispatch_celery.app import _patch_kombu_redis_close
+
+    _patch_kombu_redis_close()
+    conn = Connection(redis_url)
+    channel: Any = conn.channel()
+    queue = Queue("resilience-test", Exchange("resilience-test"), "resilience-test")
+    queue(channel).declare()
+    Producer(channel).publish({"n": 1}, exchange="resilience-test", routing_key="resilience-test")
+    assert queue(channel).get(no_ack=False) is not None  # delivered, not acknowledged
+    transport = channel.connection
+    channel._disconnect_pools()  # the state after the connection was lost and closed
+    transport.client = None
+    conn.maybe_close_channel(channel)  # raised AttributeError before the patch
+    r = redis.Redis.from_url(redis_url)
+    assert r.hlen("unacked") == 1  # still there: the visibility-timeout sweep restores it
+    r.close()
