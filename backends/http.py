@@ -7,7 +7,9 @@ and ``HttpBackend`` does the rest:
   request per run, or ``encode`` to pack many runs into one request;
 * how to **authenticate**: an ``Auth`` (none, Bearer, Basic, custom headers, or a subclass
   that signs each request), by default read from the service's variables;
-* how to **read per-run outcomes** from a 2xx answer (``read``; default: all delivered).
+* how to **read per-run outcomes** from a 2xx answer (``read``; default: all delivered),
+  given its body and ``Reply.content_type``; ``Outcome.split`` asks the loop to isolate the
+  run(s) an answer refused without naming (below).
 
 The loop owns the rest of the Backend contract: the attempt's time budget, a total
 deadline per request (connect timeout, per-read silence timeout *and* a wall-clock limit
@@ -15,7 +17,8 @@ that a server dripping one byte a second cannot stretch), the shared rate limit
 (``ctx.acquire``), 429 pauses for every worker (``ctx.slow_down``), status classification,
 bounded concurrency, probe mode (``ctx.probe``: one request first; when it fails, the rest
 stays unsent), isolating the run a batch endpoint refuses (a 4xx for a request of several
-runs: the halves are re-encoded and sent until the refused run stands alone), credentials
+runs, or a 2xx whose ``read`` answers ``Outcome.split``: the halves are re-encoded and sent
+until the refused run stands alone, and a refused run alone is rejected), credentials
 refused part-way (runs already delivered stay delivered), and the ``DeliveryReport``.
 Every message it builds is scrubbed of the credentials.
 
@@ -95,6 +98,7 @@ __all__ = [
     "Request",
     "Verdict",
     "classify",
+    "media_type",
     "parse_headers",
     "parse_retry_after",
     "summarize",
@@ -311,6 +315,9 @@ class Verdict(enum.Enum):
     TRANSIENT = "transient"  # retry later: timeouts, connection errors, 408, 429, 5xx
     AUTH = "auth"  # credentials refused (or a redirect: endpoint wrong): the service pauses
     REJECTED = "rejected"  # this payload will never be accepted: dead-letter the run alone
+    # Only from ``read``: the answer refused some of these runs without naming them. The loop
+    # re-sends them in halves, like a 4xx for several runs, and never reports this verdict.
+    SPLIT = "split"
 
 
 TRANSIENT_STATUSES = frozenset({408, 429})
@@ -363,6 +370,17 @@ class Outcome:
     def rejected(cls, reason: str) -> Outcome:
         return cls(Verdict.REJECTED, reason)
 
+    @classmethod
+    def split(cls, reason: str) -> Outcome:
+        """From ``read``: the answer refused one or more of the runs given this outcome, and
+        did not say which. The loop handles them like a 4xx for a request of several runs:
+        it re-encodes them in two halves and sends those, until each refused run stands
+        alone in its request (that request's own answer decides). A run that is alone
+        already (the only run of the request given this outcome) is rejected with
+        ``reason``. Every run given it is sent again: use it only where a re-sent run is
+        harmless (the receiver deduplicates by a stable id)."""
+        return cls(Verdict.SPLIT, reason)
+
 
 DELIVERED = Outcome(Verdict.DELIVERED)
 BUDGET_SPENT = Outcome.transient(
@@ -379,6 +397,9 @@ class Reply:
     retry_after: float | None = None
     error: str = ""  # transport error, already scrubbed
     location: str = ""  # of a redirect
+    # The answer's media type, lower-cased and without parameters ("application/json" for
+    # "Application/JSON; charset=utf-8"); "" when the answer has no Content-Type.
+    content_type: str = ""
 
 
 # --- hung connections ----------------------------------------------------------------------
@@ -606,12 +627,18 @@ class HttpClient:
             content,
             retry_after=_capped(parse_retry_after(response.headers.get("Retry-After")), opts),
             location=response.headers.get("Location", ""),
+            content_type=media_type(response.headers.get("Content-Type")),
         )
 
     def close(self) -> None:
         if self._session is not None and self._pid == os.getpid():
             self._session.close()
         self._session = None
+
+
+def media_type(value: str | None) -> str:
+    """A Content-Type header's media type: lower-cased, parameters dropped (``""`` if none)."""
+    return (value or "").partition(";")[0].strip().lower()
 
 
 def _capped(seconds: float | None, options: HttpOptions) -> float | None:
@@ -737,6 +764,8 @@ class HttpBackend:
 
     def read(self, request: Request, reply: Reply) -> Mapping[str, Outcome]:
         """Per-run outcomes of a 2xx answer; runs left out count as transient failures.
+        ``Outcome.split`` for the runs among which the answer refused some without naming
+        them: the loop re-sends them in halves until each refused run stands alone.
         Raise ``ValueError``/``TypeError``/``KeyError`` on an unreadable answer (transient)."""
         return dict.fromkeys(request.runs, DELIVERED)
 
@@ -908,7 +937,7 @@ class _Sending:
             self.stop.set(refused)  # do not hammer with a bad key
             self.record(request.runs, refused)
         elif verdict is Verdict.REJECTED:
-            self._rejected(request, backend.describe(reply))
+            self._isolate(request.runs, backend.describe(reply))
         else:
             self._transient(request, reply)
         return verdict
@@ -922,16 +951,21 @@ class _Sending:
             self.record(request.runs, unreadable)
             return
         missing = Outcome.transient(f"{self.service}: the answer names no outcome for the run")
-        self.record_each({run_id: outcomes.get(run_id, missing) for run_id in request.runs})
+        each = {run_id: outcomes.get(run_id, missing) for run_id in request.runs}
+        split = [run_id for run_id, outcome in each.items() if outcome.verdict is Verdict.SPLIT]
+        self.record_each({r: o for r, o in each.items() if o.verdict is not Verdict.SPLIT})
+        if split:
+            self._isolate(tuple(split), each[split[0]].reason)
 
-    def _rejected(self, request: Request, reason: str) -> None:
-        if len(request.runs) == 1:
-            self.record(request.runs, Outcome.rejected(reason))
+    def _isolate(self, runs: tuple[str, ...], reason: str) -> None:
+        """These runs hold one refused run or more, unnamed (a 4xx for their request, or
+        ``Outcome.split``): halve them until each refused run stands alone, so the others
+        still go."""
+        if len(runs) == 1:
+            self.record(runs, Outcome.rejected(reason))
             return
-        # A 4xx refuses the whole request without naming a run: halve it until the refused
-        # run stands alone, so the others still go.
-        middle = len(request.runs) // 2
-        for half in (request.runs[:middle], request.runs[middle:]):
+        middle = len(runs) // 2
+        for half in (runs[:middle], runs[middle:]):
             for part in self.encode([self.runs[run_id] for run_id in half]):
                 self.send(part)
 

@@ -8,10 +8,27 @@ backends all show model, tokens and messages); the wire format in ``otlp_wire``
 status classification, probe mode and the report are the HTTP toolkit's send loop.
 
 Outcomes: 2xx delivered, unless the answer carries a ``partial_success`` with rejected
-spans: the runs the receiver names (by span, trace or run id in its message) are rejected
-with its message, the others delivered; when it names none, all of that request's runs
-are rejected (OTLP forbids retrying a partial success, and dead-lettering all of them loses
-none: span ids derive from run ids, so a replay is idempotent at the receiver).
+spans (read as protobuf or JSON by the answer's ``Content-Type``; the body decides only
+when that header is missing or names neither): the runs the receiver names (by span,
+trace or run id in its message) are rejected with its message, the others delivered; when
+all of a request's spans are rejected, all its runs are. When it rejects some without
+naming them, the unnamed runs are re-sent in halves until each rejected run stands alone
+(``Outcome.split``), so only the bad runs are dead-lettered and the others delivered.
+
+That last step departs, deliberately, from the OTLP specification: "The client MUST NOT
+retry the request when it receives a partial success response". The halves carry again the
+spans the receiver already accepted. That is harmless here because span ids are
+deterministic (derived from run ids, ``genai.span_id_for``) and the receivers keep one span
+per span id: Phoenix inserts ``ON CONFLICT (span_id) DO NOTHING`` (the first write wins),
+Langfuse updates the same observation. The rule protects senders whose re-sent spans would
+be stored twice; ours are not. Obeying it would cost more: every good run of the request
+dead-lettered with the bad one, delivered only when someone replays it. The split costs
+about 2 log2(n) more requests per bad run in a request of n runs, within the rate limit and
+the attempt budget. A receiver that counted a re-sent, already stored span as rejected would
+get that run dead-lettered though stored (harmless: a replay is idempotent). A preset for a
+receiver that does not keep one span per span id sets ``split_partial_success = False``:
+the request's runs are then all dead-lettered with the receiver's message, none re-sent.
+
 408/429/5xx and connection errors transient (Retry-After honoured), 401/403 refused
 credentials (the service pauses), other 4xx (400/413/415/422) rejected: a request of
 several runs is halved until the refused run stands alone.
@@ -42,6 +59,10 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, ClassVar, Self
 from urllib.parse import unquote, urlparse
 
+import orjson
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
 from dispatch_celery.backend import Run
 from dispatch_celery.backends import otlp_wire as wire
 from dispatch_celery.backends.genai import AttributeValue, Parsed, build_span, span_id_for
@@ -66,6 +87,7 @@ MAX_REQUEST_BYTES_LIMIT = 64 * 1024 * 1024
 TRACES_PATH = "/v1/traces"
 SCOPE_NAME = "dispatch-celery"
 COMPRESSIONS = ("none", "gzip")
+PROTOBUF_TYPES = frozenset({"application/x-protobuf", "application/protobuf"})
 
 
 def _scope_version() -> str:
@@ -188,6 +210,35 @@ def otlp_auth(service: str, settings: Settings) -> Auth:
     return Auth(headers, tuple(headers.values()), fix)
 
 
+def read_partial(body: bytes, content_type: str = "") -> wire.PartialSuccess | None:
+    """The ``partial_success`` of a 2xx answer (None: everything accepted), read in the
+    encoding its media type names (``Reply.content_type``: the spec makes the receiver
+    answer in the request's encoding, but Langfuse answers ``{}`` as JSON to protobuf).
+
+    The body decides only when the header is missing or names neither encoding: a JSON
+    document is JSON, anything else protobuf. Sniffing by the first byte is not enough: a
+    protobuf ``partial_success`` of 123 bytes starts with ``\\n{``, like JSON.
+    """
+    if content_type == "application/json" or content_type.endswith("+json"):
+        return wire.read_response(body, "application/json")
+    if content_type not in PROTOBUF_TYPES:
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            return wire.read_response(body, "application/json")
+    response = ExportTraceServiceResponse()
+    try:
+        response.ParseFromString(body)
+    except DecodeError:  # declared protobuf, yet not: JSON after all, or nothing readable
+        return wire.read_response(body, "application/json")
+    if not response.HasField("partial_success") or response.partial_success.rejected_spans <= 0:
+        return None  # an error_message alone is a warning, not a rejection
+    partial = response.partial_success
+    return wire.PartialSuccess(int(partial.rejected_spans), partial.error_message)
+
+
 @dataclasses.dataclass(frozen=True)
 class OtlpConfig:
     protocol: str = wire.PROTOBUF
@@ -220,6 +271,11 @@ class OtlpBackend(HttpBackend):
     name: ClassVar[str] = "otlp"
     default_concurrency: ClassVar[int] = 1
     accept: ClassVar[str] = "application/x-protobuf, application/json"
+    # A partial success that does not name its rejected spans: re-send the request's runs in
+    # halves to find them (True), or dead-letter them all. Re-sending breaks the OTLP rule
+    # against retrying a partial success: only for receivers that keep one span per span id
+    # (see the module docstring).
+    split_partial_success: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -292,7 +348,7 @@ class OtlpBackend(HttpBackend):
             yield Request(tuple(ids[i] for i in chunk), body, content_type, headers)
 
     def read(self, request: Request, reply: Reply) -> Mapping[str, Outcome]:
-        partial = wire.read_response(reply.body, None)
+        partial = read_partial(reply.body, reply.content_type)
         if partial is None:
             return dict.fromkeys(request.runs, DELIVERED)
         return self.partial_outcomes(request.runs, partial)
@@ -312,11 +368,16 @@ class OtlpBackend(HttpBackend):
         if partial.rejected >= total:
             why = f"{service}: the receiver rejected the span ({partial.rejected} of {total}): "
             return dict.fromkeys(runs, Outcome.rejected(why + message))
-        # The receiver did not say which spans it refused, and OTLP forbids retrying a
-        # partial success: dead-letter them all rather than lose the refused ones.
-        reason = Outcome.rejected(
-            f"{service}: the receiver rejected {partial.rejected} of the {total} spans of "
-            f"one request without naming them: {message} (all {total} dead-lettered; a "
-            "replay is idempotent, span ids derive from run ids)"
-        )
-        return dict.fromkeys(runs, reason)
+        unnamed = f"{service}: the receiver rejected {partial.rejected} of the {total} spans of "
+        if not self.split_partial_success:
+            # Dead-letter them all rather than lose the refused ones.
+            return dict.fromkeys(runs, Outcome.rejected(
+                f"{unnamed}one request without naming them: {message} (all {total} "
+                "dead-lettered; a replay is idempotent, span ids derive from run ids)"
+            ))  # fmt: skip
+        # Some or all of the rejected spans are not named: re-send the runs not named in
+        # halves until each rejected one stands alone (a deliberate exception to the OTLP
+        # rule against retrying a partial success: see the module docstring).
+        named_reason = Outcome.rejected(f"{service}: the receiver rejected the span: {message}")
+        split = Outcome.split(f"{unnamed}one request without naming this one: {message}")
+        return {r: named_reason if r in named else split for r in runs}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -127,3 +128,62 @@ def test_a_worker_killed_outright_is_redelivered_within_the_visibility_timeout(
     finally:
         stop_proc(bridge)
     assert took < visibility + 10, took
+
+
+def test_a_task_lost_by_a_worker_killed_in_its_soft_shutdown_is_republished(
+    redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    """The deploy defect of issue 8, reproduced. A worker in its soft shutdown (SIGTERM,
+    REMAP_SIGTERM=SIGQUIT, waiting up to soft_shutdown_timeout for its running attempt) keeps
+    a BRPOP outstanding for its free pool slot; the bridge's last flush publishes a task
+    after the SIGTERM, the broker accepts it (so the bridge rightly XACKs its entries), the
+    dying worker's BRPOP pops it, and honcho's SIGKILL (5 s after the first process exited,
+    before the 10 s wait ended) loses it: in neither the queue nor ``unacked``. Nothing
+    covered a batch whose first attempt never began; the due index re-publishes it once
+    its queue lease is over."""
+    from dispatch_celery.app import create_app
+    from dispatch_celery.settings import load_settings
+    from tests.harness import REPO, bridge, subprocess_env
+
+    env = pipeline_env(redis_url, tmp_path, DISPATCH_BATCH_SIZE="1", DISPATCH_QUEUE_LEASE="3")
+    settings = load_settings(env)
+    app = create_app(settings)
+    r.hset("test:flaky:flaky", "sleep", 30)  # the first attempt outlives the shutdown wait
+    worker_env = subprocess_env(env) | {"REMAP_SIGTERM": "SIGQUIT"}
+    args = ["worker", "-Q", "flaky", "-c", "2", "--without-heartbeat", "--without-gossip",
+            "--without-mingle", "-l", "INFO", "--", "worker.soft_shutdown_timeout=10"]  # fmt: skip
+    log = tmp_path / "worker1.log"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "dispatch_celery", *args],
+        env=worker_env, cwd=REPO, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        with bridge(settings, app, "flaky"):
+            [busy] = xadd_all(r, STREAM, [event(0)])
+            wait_for(lambda: r.llen("test:flaky:flaky:calls") >= 1, what="the first attempt")
+            first.send_signal(signal.SIGTERM)  # the deploy: soft shutdown begins
+            time.sleep(0.3)
+            [late] = xadd_all(r, STREAM, [event(1)])  # the bridge's last flush
+            wait_for(
+                lambda: r.xpending(STREAM, "dispatch-flaky")["pending"] == 0,
+                what="the late batch published and its entry XACKed",
+            )
+            time.sleep(4.7)
+            kill_group(first)  # honcho: SIGKILL 5 s later
+            r.hset("test:flaky:flaky", "sleep", 0)
+            second = spawn_worker(env, "flaky", tmp_path / "worker2.log", name="w2")
+            try:
+                wait_for(
+                    lambda: set(_delivered(tmp_path / "flaky.jsonl")) >= {busy, late},
+                    timeout=40,
+                    what="both batches delivered after the restart",
+                )
+                wait_for(lambda: r.hlen(c.inflight_key("flaky")) == 0, what="nothing in flight")
+            finally:
+                stop_proc(second)
+    finally:
+        if first.poll() is None:
+            kill_group(first)
+    assert r.zcard(c.due_key("flaky")) == 0
+    assert "Initiating Soft Shutdown" in log.read_text()

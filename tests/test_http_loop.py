@@ -225,6 +225,91 @@ def test_per_run_outcomes_rejections_and_bisecting(
     assert len(httpserver.log) <= 7  # 8 runs, one refused: halving, 1 + 2 + 2 + 2
 
 
+class Ambiguous(Collector):
+    """A batch endpoint answering 200 ``{"refused": why, "stored": [ids]}``: it refused some
+    of the request's runs without naming them, and says which it stored."""
+
+    name: ClassVar[str] = "ambiguous"
+    seen: list[str]
+
+    def read(self, request: Request, reply: Reply) -> Mapping[str, Outcome]:
+        self.seen.append(reply.content_type)
+        answer = orjson.loads(reply.body or b"{}")
+        if not answer.get("refused"):
+            return dict.fromkeys(request.runs, DELIVERED)
+        split = Outcome.split(f"ambiguous: {answer['refused']}")
+        stored = set(answer.get("stored", []))
+        return {run_id: DELIVERED if run_id in stored else split for run_id in request.runs}
+
+
+def test_the_answers_content_type_is_reported_lower_cased_without_parameters(
+    httpserver: HTTPServer, made: list[HttpBackend]
+) -> None:
+    def handler(request: WRequest) -> Response:
+        kind = request.headers.get("X-Kind", "")
+        response = Response("{}", 200, content_type="Application/JSON; charset=UTF-8")
+        if kind == "none":
+            del response.headers["Content-Type"]
+        return response
+
+    httpserver.expect_request("/c").respond_with_handler(handler)
+    backend = _make(Ambiguous, "ambiguous", ENDPOINT=httpserver.url_for("/c"))
+    made.append(backend)
+    backend.seen = []
+    backend.deliver(chat_runs(1), RecordingContext("ambiguous").ctx)
+    assert backend.seen == ["application/json"]
+    assert httpserver.log[0][1].headers["Content-Type"] == "Application/JSON; charset=UTF-8"
+
+    no_type = _make(Ambiguous, "ambiguous", ENDPOINT=httpserver.url_for("/c"),
+                    HEADERS="X-Kind=none")  # fmt: skip
+    made.append(no_type)
+    no_type.seen = []
+    no_type.deliver(chat_runs(1), RecordingContext("ambiguous").ctx)
+    assert "Content-Type" not in httpserver.log[1][1].headers
+    assert no_type.seen == [""]
+
+
+@pytest.mark.parametrize("names_stored", [False, True])
+def test_a_split_answer_isolates_the_refused_run(
+    httpserver: HTTPServer, made: list[HttpBackend], names_stored: bool
+) -> None:
+    """``Outcome.split`` from ``read`` is handled like a 4xx for several runs; a run alone
+    among the runs it marks is rejected with its reason (scrubbed)."""
+    runs = chat_runs(8)
+    bad = runs[2].id
+    sent: list[list[str]] = []
+
+    def handler(request: WRequest) -> Response:
+        ids = _ids(request)
+        sent.append(ids)
+        if bad not in ids:
+            return Response("{}", 200)
+        stored = [run_id for run_id in ids if run_id != bad] if names_stored else []
+        refused = f"one record is invalid (token {SECRET})"
+        return Response(json.dumps({"refused": refused, "stored": stored}), 200)
+
+    httpserver.expect_request("/c").respond_with_handler(handler)
+    backend = _make(Ambiguous, "ambiguous", ENDPOINT=httpserver.url_for("/c"), API_KEY=SECRET)
+    made.append(backend)
+    backend.seen = []
+    report = backend.deliver(runs, RecordingContext("ambiguous").ctx)
+    assert report.rejected == {bad: "ambiguous: one record is invalid (token ***)"}
+    assert report.deferred == {}
+    if names_stored:  # the only run left unnamed stands alone already: not sent again
+        assert sent == [[run.id for run in runs]]
+    else:  # 8 -> 4 + 4 -> 2 + 2 -> 1 + 1: every good run delivered, the bad one alone
+        assert len(sent) == 7
+        assert [bad] in sent
+        delivered = {run_id for ids in sent if bad not in ids for run_id in ids}
+        assert delivered == {run.id for run in runs} - {bad}
+
+    # A one-run request whose answer asks for a split is rejected with the answer's reason.
+    sent.clear()
+    report = backend.deliver([runs[2]], RecordingContext("ambiguous").ctx)
+    assert report.rejected == {bad: "ambiguous: one record is invalid (token ***)"}
+    assert sent == [[bad]]
+
+
 # --- probe mode --------------------------------------------------------------------------
 
 

@@ -15,11 +15,13 @@ from typing import Any
 import orjson
 import pytest
 import redis
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from dispatch_celery import constants as c
 from dispatch_celery.backend import Run
 from dispatch_celery.backends.genai import span_id_for, trace_id_for, unix_ns
-from dispatch_celery.backends.otlp import OtlpBackend
+from dispatch_celery.backends.otlp import OtlpBackend, read_partial
+from dispatch_celery.backends.otlp_wire import PartialSuccess
 from dispatch_celery.decode.redact import Redactor
 from dispatch_celery.errors import ConfigError, CredentialsError, TransientDeliveryError
 from dispatch_celery.registry import create_backend
@@ -307,16 +309,92 @@ def test_partial_success_rejects_the_named_runs_alone(
     assert len(server.spans) == 4
 
 
-def test_a_partial_success_naming_no_span_loses_nothing(
-    server: FakeOtlp, make_backend: Factory
+@pytest.mark.parametrize(
+    ("protocol", "bad"), [("http/protobuf", (5,)), ("http/json", (5,)), ("http/protobuf", (1, 6))]
+)
+def test_a_partial_success_naming_no_span_isolates_the_bad_runs(
+    server: FakeOtlp, make_backend: Factory, protocol: str, bad: tuple[int, ...]
 ) -> None:
+    """ "k spans rejected" without naming them: the runs are re-sent in halves until each
+    bad one stands alone; the receiver keeps one span per span id, so the re-sent good
+    spans are stored once."""
+    runs = chat_runs(8)
+    bad_ids = {runs[i].id for i in bad}
+    for run_id in bad_ids:
+        server.reject[span_id_for(run_id).hex()] = "bad"
+    server.name_rejected = False
+    report = make_backend(protocol=protocol).deliver(runs, _ctx())
+    assert set(report.rejected) == bad_ids
+    for run_id in bad_ids:
+        assert "some spans were invalid" in report.rejected[run_id]
+        assert "rejected the span (1 of 1)" in report.rejected[run_id]
+    assert report.deferred == {}
+    assert set(server.spans) == {span_id_for(run.id).hex() for run in runs} - {
+        span_id_for(run_id).hex() for run_id in bad_ids
+    }
+    assert server.violations == []
+    content_type = "application/json" if protocol == "http/json" else "application/x-protobuf"
+    assert {headers["content-type"] for headers, _ in server.requests} == {content_type}
+    if len(bad) == 1:  # 8 -> 4 + 4 -> 2 + 2 -> 1 + 1
+        assert sorted((count for _, count in server.requests), reverse=True) == [
+            8,
+            4,
+            4,
+            2,
+            2,
+            1,
+            1,
+        ]
+        assert server.posts[span_id_for(runs[5].id).hex()] == 4
+
+
+def test_without_split_an_unnamed_partial_success_dead_letters_the_request(
+    server: FakeOtlp,
+) -> None:
+    class NoSplit(OtlpBackend):
+        split_partial_success = False
+
     runs = chat_runs(4)
     server.reject[span_id_for(runs[2].id).hex()] = "bad"
     server.name_rejected = False
-    report = make_backend().deliver(runs, _ctx())
+    backend = NoSplit.from_settings("otlp", load_settings({"DISPATCH_OTLP_ENDPOINT": server.url}))
+    try:
+        report = backend.deliver(runs, _ctx())
+    finally:
+        backend.close()
     assert set(report.rejected) == {run.id for run in runs}  # dead-lettered, never dropped
     assert "rejected 1 of the 4 spans" in report.rejected[runs[0].id]
     assert "some spans were invalid" in report.rejected[runs[0].id]
+    assert len(server.requests) == 1
+
+
+def test_a_protobuf_partial_success_is_read_by_its_content_type(
+    server: FakeOtlp, make_backend: Factory
+) -> None:
+    """A ``partial_success`` of 123 bytes serializes as ``\\n{...``: a body sniffed by its
+    first byte would take it for JSON, fail to read it and count the rejected span as
+    delivered."""
+    runs = chat_runs(3)
+    span_id = span_id_for(runs[1].id).hex()
+    server.reject[span_id] = "x" * (119 - len(f"span {span_id}: "))  # error_message: 119 bytes
+    report = make_backend().deliver(runs, _ctx())
+    assert list(report.rejected) == [runs[1].id]
+    assert len(server.requests) == 1
+
+    partial = ExportTraceServiceResponse()
+    partial.partial_success.rejected_spans = 1
+    partial.partial_success.error_message = "y" * 119
+    body = partial.SerializeToString()
+    assert body.startswith(b"\n{")
+    expected = PartialSuccess(1, "y" * 119)
+    assert read_partial(body, "application/x-protobuf") == expected
+    assert read_partial(body, "") == expected  # no header: a body that is not JSON
+    doc = b'{"partialSuccess": {"rejectedSpans": "2", "errorMessage": "m"}}'
+    assert read_partial(doc, "application/json") == PartialSuccess(2, "m")
+    assert read_partial(doc, "") == PartialSuccess(2, "m")
+    assert read_partial(doc, "application/x-protobuf") == PartialSuccess(2, "m")  # mislabelled
+    assert read_partial(b"{}", "application/x-protobuf") is None  # Langfuse's answer
+    assert read_partial(b"", "application/x-protobuf") is None
 
 
 def test_a_400_isolates_the_refused_run(server: FakeOtlp, make_backend: Factory) -> None:

@@ -223,7 +223,7 @@ def test_honcho_runs_the_stack_and_sigterm_stops_it_without_losing_events(
     assert not r.keys("dispatch:batch:*")
 
 
-DEPLOYS = 3  # SIGTERM + restart cycles while the producer keeps writing
+DEPLOYS = 4  # SIGTERM + restart cycles while the producer keeps writing
 DEPLOY_RATE = 150.0  # events per second, throughout every stop and start
 
 
@@ -243,7 +243,8 @@ def test_deploys_while_events_keep_arriving_lose_no_event(
             tmp_path,
             DISPATCH_BATCH_SIZE="20",
             DISPATCH_WORKER_CONCURRENCY="2",
-            DISPATCH_WORKER_SHUTDOWN_WAIT="2",
+            # the Procfile's own soft-shutdown wait (10 s): honcho SIGKILLs the worker 5 s
+            # after the first process exits, as in the deploy that lost an event
         )
     )
     env["PATH"] = _path()

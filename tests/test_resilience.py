@@ -182,3 +182,48 @@ def test_closing_a_channel_whose_connection_is_gone_is_not_fatal(redis_url: str)
     r = redis.Redis.from_url(redis_url)
     assert r.hlen("unacked") == 1  # still there: the visibility-timeout sweep restores it
     r.close()
+
+
+def test_a_redis_error_reply_is_logged_as_what_it_is_and_waited_out(
+    private: PrivateRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis refuses writes (OOM under ``noeviction``): the bridge says so as it is (not
+    "group deleted"), backs off, and delivers everything once Redis has room again."""
+    settings, app, env = make(private.url, tmp_path)
+    r = private.client()
+    w = spawn_worker(env, "file", tmp_path / "worker.log")
+    try:
+        with (
+            caplog.at_level(logging.WARNING, "dispatch_celery.ingest.bridge"),
+            bridge(settings, app, "file"),
+        ):
+            first = xadd_all(r, STREAM, [event(i) for i in range(20)])
+            wait_for(lambda: len(delivered(tmp_path / "events.jsonl")) == 20, what="20")
+            used = int(r.info("memory")["used_memory"])
+            r.config_set("maxmemory", used + 64 * 1024)
+            filler = "x" * 4096
+            refused = 0
+            for i in range(1000):  # fill it up: the producer's writes fail too now
+                try:
+                    r.set(f"filler:{i}", filler)
+                except redis.ResponseError:
+                    refused += 1
+            assert refused
+            wait_for(
+                lambda: any("OOM" in m for m in caplog.messages),
+                timeout=20,
+                what="the OOM reply logged",
+            )
+            r.delete(*[f"filler:{i}" for i in range(1000)])
+            r.config_set("maxmemory", 0)
+            second = xadd_all(r, STREAM, [event(i) for i in range(20, 40)])
+            wait_for(
+                lambda: set(delivered(tmp_path / "events.jsonl")) >= set(first + second),
+                timeout=30,
+                what="every event once Redis has room",
+            )
+    finally:
+        stop_proc(w)
+    oom = [m for m in caplog.messages if "OOM" in m]
+    assert oom and all("Redis refused a command" in m for m in oom), oom
+    assert not any("re-creating the group" in m for m in caplog.messages)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -195,6 +195,20 @@ return {mode, redis.call('GET', KEYS[1]), redis.call('SMEMBERS', KEYS[6]),
         redis.call('HGETALL', KEYS[4]), {}, crashed}
 """
 
+# KEYS: 1 inflight, 2 due.  ARGV: 1 due time, 2.. batch ids.
+# Indexes the ids that are in flight and not in the due index; returns how many.
+_INDEX = """
+local n = 0
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  if redis.call('HEXISTS', KEYS[1], id) == 1 and not redis.call('ZSCORE', KEYS[2], id) then
+    redis.call('ZADD', KEYS[2], tonumber(ARGV[1]), id)
+    n = n + 1
+  end
+end
+return n
+"""
+
 # KEYS: 1 due, 2 parked.  ARGV: 1 now, 2 spread (s), 3 limit.
 # Wakes parked batches: due now .. now + spread, in parking order. Returns how many.
 _WAKE = """
@@ -304,6 +318,7 @@ class BatchStore:
         self._begin = client.register_script(_BEGIN)
         self._wake = client.register_script(_WAKE)
         self._close_gate = client.register_script(_CLOSE_GATE)
+        self._index = client.register_script(_INDEX)
 
     def key(self, batch_id: str) -> str:
         return c.batch_key(self.service, batch_id)
@@ -407,16 +422,24 @@ class BatchStore:
 
     def index_unindexed(self, lease_s: float) -> int:
         """Put any in-flight batch missing from the due index into it (batches of an earlier
-        version, which had no index): due after ``lease_s``. Returns how many."""
-        ids = [k.decode() for k in cast(list[bytes], self.r.hkeys(self.inflight))]
-        if not ids:
-            return 0
-        due = time.time() + lease_s
+        version, which had no index): due after ``lease_s``. Returns how many. Each chunk
+        is checked and added atomically, so a batch finishing meanwhile stays finished."""
         added = 0
-        for start in range(0, len(ids), 1000):
-            chunk = ids[start : start + 1000]
-            added += cast(int, self.r.zadd(self.due, dict.fromkeys(chunk, due), nx=True))
+        due = f"{time.time() + lease_s:.3f}"
+        for chunk in self._scan_inflight(1000):
+            added += int(self._index(keys=[self.inflight, self.due], args=[due, *chunk]))
         return added
+
+    def _scan_inflight(self, count: int) -> Iterator[list[str]]:
+        cursor = 0
+        while True:
+            cursor, page = cast(
+                tuple[int, dict[bytes, bytes]], self.r.hscan(self.inflight, cursor, count=count)
+            )
+            if page:
+                yield [k.decode() for k in page]
+            if cursor == 0:
+                return
 
     # --- worker side -----------------------------------------------------------------------
 

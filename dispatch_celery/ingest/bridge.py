@@ -130,6 +130,7 @@ class Bridge:
             TRANSIENT_ERRORS + enqueuer.connection_errors()
         )
         self._next_housekeeping = 0.0
+        self._indexed = False
         self._failing_since: float | None = None
         self._backoff = BACKOFF_FIRST_S
         self._reminded = 0.0
@@ -177,7 +178,8 @@ class Bridge:
         self.streams.reset()
         self.behind = True
         self.refresh_streams()
-        indexed = self.store.index_unindexed(self.settings.queue_lease)
+        indexed = 0 if self._indexed else self.store.index_unindexed(self.settings.queue_lease)
+        self._indexed = True  # once per process: the index is kept by every step after
         if indexed:
             log.warning(
                 "bridge %s: %d in-flight batches were not in the due index (an earlier "
@@ -222,21 +224,26 @@ class Bridge:
         every error re-creates it."""
         if "NOGROUP" in str(exc):
             log.error("bridge %s: %s; re-creating the group", self.service, exc)
-        else:
-            log.error("bridge %s: Redis refused a command: %s", self.service, exc)
+        # any other reply is logged by _wait, as it is, once (and a reminder a minute)
 
     def _wait(self, stop: threading.Event, exc: BaseException) -> None:
         """Back off after an infrastructure error: one line when it starts, a reminder
         every minute, never a busy loop."""
         now = time.monotonic()
         what = f"{type(exc).__name__}: {exc}"
+        # an error reply (OOM, READONLY, ...) is not an unreachable server: say which it is
+        refused = isinstance(exc, redis.ResponseError) or isinstance(
+            exc.__cause__, redis.ResponseError
+        )
+        headline = "Redis refused a command" if refused else "Redis or the broker is unavailable"
         if self._failing_since is None:
             self._failing_since = now
             self._reminded = now
             log.warning(
-                "bridge %s: Redis or the broker is unavailable (%s); retrying with backoff "
-                "(%.1fs to %.0fs); entries not yet acknowledged stay pending",
+                "bridge %s: %s (%s); retrying with backoff (%.1fs to %.0fs); entries not yet "
+                "acknowledged stay pending",
                 self.service,
+                headline,
                 what,
                 BACKOFF_FIRST_S,
                 BACKOFF_MAX_S,
@@ -244,9 +251,10 @@ class Bridge:
         elif now - self._reminded >= REMIND_EVERY_S or what != self._last_error:
             self._reminded = now
             log.warning(
-                "bridge %s: still waiting for Redis or the broker after %.0fs (%s)",
+                "bridge %s: still waiting after %.0fs: %s (%s)",
                 self.service,
                 now - self._failing_since,
+                headline,
                 what,
             )
         self._last_error = what

@@ -42,6 +42,18 @@ BATCH = 20
 EVERYSEC_WINDOW_S = 2.0
 
 
+def _env(server: PrivateRedis, lab: Lab) -> dict[str, str]:
+    # A small in-flight buffer keeps the bridge publishing as the worker delivers, so the
+    # fault finds both of them at work (not the bridge idle with everything staged).
+    return pipeline_env(
+        server.url,
+        lab.tmp,
+        DISPATCH_LOG_FORMAT="json",
+        DISPATCH_BATCH_SIZE=str(BATCH),
+        DISPATCH_HIGH_WATER_BATCHES="10",
+    )
+
+
 def _quiet_logs(stack: Stack, start: float, end: float, seconds: float) -> None:
     """A clear line while waiting, not a busy loop: few log lines while Redis is away."""
     for name in stack.procs:
@@ -66,9 +78,7 @@ def scenario_shutdown(lab: Lab, *, down_s: float = 5.0, rate: float = 150.0) -> 
     fig = lab.figures_for("redis-shutdown-restart", down_s)
     server = PrivateRedis(lab.tmp / "redis")
     server.start()
-    env = pipeline_env(
-        server.url, lab.tmp, DISPATCH_LOG_FORMAT="json", DISPATCH_BATCH_SIZE=str(BATCH)
-    )
+    env = _env(server, lab)
     out = lab.tmp / "events.jsonl"
     stack = Stack(env, lab.tmp)
     producer = Producer(server.url, rate, first=1_000_000)
@@ -110,9 +120,7 @@ def scenario_kill9(lab: Lab, *, down_s: float = 2.0, rate: float = 150.0) -> Fig
     fig = lab.figures_for("redis-kill-9", down_s)
     server = PrivateRedis(lab.tmp / "redis")
     server.start()
-    env = pipeline_env(
-        server.url, lab.tmp, DISPATCH_LOG_FORMAT="json", DISPATCH_BATCH_SIZE=str(BATCH)
-    )
+    env = _env(server, lab)
     out = lab.tmp / "events.jsonl"
     stack = Stack(env, lab.tmp)
     producer = Producer(server.url, rate, first=2_000_000)
