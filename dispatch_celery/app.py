@@ -26,13 +26,12 @@ Celery 5.7 with tests/test_resilience.py and tests/faults/test_redis_restart.py:
 * a soft time limit that fires late, after the worker's main process was blocked
   reconnecting, is ignored outside an attempt (``delivery.task``; it used to kill the pool
   child or corrupt the result pipe: "Unrecoverable error: UnpicklingError");
-* ``_patch_kombu_redis_close``: closing a channel whose connection is already gone made
-  kombu's Redis transport build a client from ``connection.client`` (None) and raise
-  ``AttributeError: 'NoneType' object has no attribute 'hostname'``, which Celery treats as
-  unrecoverable (the worker exited). It now raises a connection error, which kombu
-  ignores there as it does for every other close on a dead connection; the unacknowledged
-  message is restored by the visibility-timeout sweep (a copy is harmless: the batch's
-  ticket, lease and due index make it do nothing or the right thing).
+* ``delivery.broker`` patches kombu's Redis transport (a worker exited with "'NoneType'
+  object has no attribute 'hostname'" when it closed or acked on a collected connection;
+  a message read by BRPOP whose ``unacked`` record failed was lost; a failed ack became a
+  duplicate) and adds the ``RetryPending`` consumer bootstep;
+* ``broker_connection_max_retries=None``: the consumer reconnects for as long as the
+  broker is away (Celery's default gives up after 100 tries and the worker exits).
 """
 
 from __future__ import annotations
@@ -61,6 +60,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # ride out any outage; see the docstring
         "result_backend": None,
         "task_ignore_result": True,
         "task_serializer": "json",
@@ -83,34 +83,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _patch_kombu_redis_close() -> None:
-    """See the module docstring; idempotent, and a no-op without the Redis transport."""
-    import redis
-
-    try:
-        from kombu.transport import redis as transport
-    except ImportError:  # pragma: no cover - redis-py is a dependency
-        return
-    channel: Any = transport.Channel
-    original = channel._connparams
-    if getattr(original, "_dispatch_patched", False):
-        return
-
-    def _connparams(self: Any, asynchronous: bool = False) -> Any:
-        if self.connection is None or self.connection.client is None:
-            raise redis.ConnectionError("the broker connection is already closed")
-        return original(self, asynchronous=asynchronous)
-
-    _connparams._dispatch_patched = True  # type: ignore[attr-defined]
-    channel._connparams = _connparams
-
-
 def create_app(settings: Settings) -> Celery:
-    from dispatch_celery.delivery import task  # the task module needs the app; import lazily
+    # imported here: the task module needs the app
+    from dispatch_celery.delivery import broker, task
 
-    _patch_kombu_redis_close()
+    broker.patch_kombu_redis()
     app = Celery("dispatch_celery", set_as_current=False)
     app.conf.update(celery_config(settings))
+    app.steps["consumer"].add(broker.RetryPending)
     task.register(app, settings)
     _connect_logging(settings)
     _connect_backend_check(app, settings)

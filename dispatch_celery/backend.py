@@ -62,31 +62,47 @@ def _identity(data: bytes) -> bytes:
 class Run:
     """One event ready for delivery: its record (redacted, capped) and its raw entry.
 
-    ``raw`` is the original entry ``data`` with sensitive values redacted; it is computed
-    on first use only, since most backends never need it.
+    ``raw`` is the original entry ``data`` with sensitive values redacted, and ``event``
+    the decoded event with its sensitive headers redacted (``redact_event``); both are
+    computed on first use only, since most backends never need them. ``json`` is the
+    serialization of ``record`` (``orjson.dumps``) when the core already made it (the
+    credential scan does), else None: a backend that writes the record as it is may
+    reuse it instead of serializing again.
     """
 
-    __slots__ = ("_raw", "_redact_raw", "event", "record")
+    __slots__ = ("_event", "_raw", "_redact_event", "_redact_raw", "json", "record")
 
     def __init__(
         self,
         record: RunRecord,
         event: Event,
         redact_raw: Callable[[bytes], bytes] = _identity,
+        *,
+        redact_event: Callable[[Event], Event] | None = None,
+        json: bytes | None = None,
     ) -> None:
         self.record = record
-        self.event = event
+        self._event = event
+        self._redact_event = redact_event
         self._redact_raw = redact_raw
         self._raw: bytes | None = None
+        self.json = json
 
     @property
     def id(self) -> str:
         return self.record["id"]
 
     @property
+    def event(self) -> Event:
+        if self._redact_event is not None:
+            self._event = self._redact_event(self._event)
+            self._redact_event = None
+        return self._event
+
+    @property
     def raw(self) -> bytes:
         if self._raw is None:
-            self._raw = self._redact_raw(self.event.raw)
+            self._raw = self._redact_raw(self._event.raw)
         return self._raw
 
 

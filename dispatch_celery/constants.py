@@ -32,6 +32,7 @@ DEFAULT_QUEUE_LEASE_S = 300.0  # a published batch whose task has not begun by t
 DEFAULT_HIGH_WATER_BATCHES = 50_000  # bridge pauses reading above this many batches in flight
 DEFAULT_HIGH_WATER_BYTES = 4 * 1024**3  # ... or above this many compressed bytes in Redis
 DEFAULT_DEADLETTER_MAX_LEN = 100_000  # dead-letter stream bound (exact; overflow counted)
+DEFAULT_REDIS_MEMORY_MAX_PERCENT = 80  # bridge pauses when Redis uses this much of maxmemory
 DEFAULT_STREAM_RESCAN_S = 30.0  # a glob DISPATCH_STREAM is re-resolved (SCAN) this often
 DEFAULT_CLAIM_IDLE_S = 60.0  # entries idle this long in a dead consumer's PEL are claimed
 DEFAULT_STAGED_RECOVERY_S = 15.0  # a staged batch older than this lost its bridge

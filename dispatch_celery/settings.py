@@ -136,6 +136,9 @@ class Settings:
     high_water_batches: int = c.DEFAULT_HIGH_WATER_BATCHES
     high_water_bytes: int = c.DEFAULT_HIGH_WATER_BYTES  # compressed bytes stored in Redis
     deadletter_max_len: int = c.DEFAULT_DEADLETTER_MAX_LEN
+    # The bridge stops staging batches when Redis uses this share of its maxmemory, so the
+    # producer's XADDs keep succeeding whatever the buffer holds (no effect without one).
+    redis_memory_max_percent: int = c.DEFAULT_REDIS_MEMORY_MAX_PERCENT
     stream_rescan: float = c.DEFAULT_STREAM_RESCAN_S
     claim_idle: float = c.DEFAULT_CLAIM_IDLE_S
     staged_recovery: float = c.DEFAULT_STAGED_RECOVERY_S
@@ -214,6 +217,11 @@ class Settings:
         return new
 
     def validate(self) -> None:
+        if not 0 < self.redis_memory_max_percent < 100:
+            raise ConfigError(
+                "DISPATCH_REDIS_MEMORY_MAX_PERCENT must be a percentage between 1 and 99, "
+                f"got {self.redis_memory_max_percent}"
+            )
         if self.flush_interval <= 0:
             raise ConfigError("--flush-interval / DISPATCH_FLUSH_INTERVAL must be > 0")
         if self.batch_size <= 0:
@@ -270,6 +278,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         high_water_bytes=_positive_int(
             env, "DISPATCH_HIGH_WATER_BYTES", c.DEFAULT_HIGH_WATER_BYTES
+        ),
+        redis_memory_max_percent=_positive_int(
+            env, "DISPATCH_REDIS_MEMORY_MAX_PERCENT", c.DEFAULT_REDIS_MEMORY_MAX_PERCENT
         ),
         deadletter_max_len=_positive_int(
             env, "DISPATCH_DEADLETTER_MAX_LEN", c.DEFAULT_DEADLETTER_MAX_LEN

@@ -291,3 +291,17 @@ def test_the_outage_gate_keeps_requests_low_during_a_vendor_outage(
         assert sum(server.counts().values()) == 200  # every run accepted once
     finally:
         server.stop()
+
+
+def test_an_xack_failure_at_finish_is_counted_and_logged_not_swallowed(
+    redis_url: str, r: redis.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings, _, _ = make(redis_url, tmp_path)
+    store, [(batch_id, token, _entries)] = stage(r, "flaky", 1, 2)
+    r.delete(STREAM)
+    r.set(STREAM, "not a stream any more")  # XACK answers WRONGTYPE
+    result = Deliverer(settings).run("flaky", batch_id, token)
+    assert result.outcome == "delivered"  # the batch is finished all the same
+    assert stats.read(r, "flaky")["xack_failed"] == 1
+    assert any("could not be acknowledged" in m and "WRONGTYPE" in m for m in caplog.messages)
+    assert store.in_flight() == (0, 0)

@@ -193,22 +193,30 @@ class Redactor:
 
     def redact_record(self, record: RunRecord) -> RunRecord:
         """A redacted copy of ``record`` (the argument is never modified)."""
+        return self.redact_record_json(record)[0]
+
+    def redact_record_json(self, record: RunRecord) -> tuple[RunRecord, bytes | None]:
+        """``redact_record``, and the redacted record's serialization (``orjson.dumps``)
+        when the scan made one that still holds (nothing needed redacting), else None:
+        writers reuse it instead of serializing the record again."""
         new = cast(dict[str, Any], dict(record))
         if self.metadata_only:
             new["input"] = None
             new["output"] = None
         if not self.custom:
             try:
-                if not self._detector.in_bytes(orjson.dumps(new)):
-                    return cast(RunRecord, new)
+                data = orjson.dumps(new)
             except TypeError:  # not JSON-serializable: walk it
                 pass
+            else:
+                if not self._detector.in_bytes(data):
+                    return cast(RunRecord, new), data
         for field, value in new.items():
             try:
                 new[field] = self._walk(value)
             except RecursionError:  # deeper than we can walk: do not send what we cannot see
                 new[field] = dict(_TOO_DEEP)
-        return cast(RunRecord, new)
+        return cast(RunRecord, new), None
 
     def redact_raw(self, data: bytes) -> bytes:
         """The entry's ``data`` with sensitive values redacted; JSON stays valid JSON.

@@ -362,7 +362,9 @@ class Deliverer:
         plan.count(Counter.DEAD_LETTERED, len(plan.dead))
         plan.count(Counter.RETRIES if decision is not None else Counter.BATCHES)
         now = time.time()
-        latencies = [now - int(r.event.stream_id.split("-", 1)[0]) / 1000 for r in plan.delivered]
+        latencies = [
+            now - int(r.record["stream_id"].partition("-")[0]) / 1000 for r in plan.delivered
+        ]
         stats.queue_add(pipe, store.service, plan.counts, latencies)
         result.dead_lettered = len(plan.dead)
         result.filtered = plan.counts.get(Counter.FILTERED, 0) + plan.counts.get(
@@ -454,7 +456,7 @@ class Deliverer:
             plan.count(Counter.FILTERED if decision == "filtered" else Counter.SAMPLED_OUT)
             return None
         try:
-            record = rt.redactor.redact_record(
+            record, serialized = rt.redactor.redact_record_json(
                 build_record(event, max_body_bytes=self.settings.max_body_bytes)
             )
         except Exception as exc:  # a bug must cost one event, never the batch
@@ -470,8 +472,15 @@ class Deliverer:
             )
             return None
         # The event a backend sees has its sensitive headers redacted too (Helicone forwards
-        # response headers); ``Run.raw`` is the redacted original entry.
-        return Run(record, rt.redactor.redact_event(event), rt.redactor.redact_raw)
+        # response headers), on first use; ``Run.raw`` is the redacted original entry;
+        # ``Run.json`` the scan's serialization of the record (the file backend writes it).
+        return Run(
+            record,
+            event,
+            rt.redactor.redact_raw,
+            redact_event=rt.redactor.redact_event,
+            json=serialized,
+        )
 
     def _dead(self, rt: ServiceRuntime, entry: Entry, reason: str, event_id: str) -> NewDeadLetter:
         raw = entry.data if entry.data is not None else entry.other

@@ -125,6 +125,7 @@ class Bridge:
         # which counts a trimmed gap and reads past it atomically (exact trim counts).
         self.behind = True
         self.paused = False
+        self.memory_full = False  # Redis near its maxmemory (see ``check_memory``)
         self.read_total = 0
         self.errors: tuple[type[BaseException], ...] = (
             TRANSIENT_ERRORS + enqueuer.connection_errors()
@@ -514,13 +515,41 @@ class Bridge:
 
     def headroom(self) -> int:
         """How many more batches may be read before the high-water mark (<= 0: pause)."""
+        if self.memory_full:
+            return 0
         batches, size = self.store.in_flight()
         if size >= self.settings.high_water_bytes:
             return 0
         buffered = len(self.buffer) // self.settings.batch_size
         return self.settings.high_water_batches - batches - buffered
 
+    def check_memory(self) -> None:
+        """Pause staging while Redis uses ``redis_memory_max_percent`` of its ``maxmemory``.
+
+        The buffer lives in the Redis llm-proxy writes to: a long outage must never fill it
+        to the point where the producer's XADD is refused (``noeviction``). Whatever the
+        producer trims while we do not read is counted (``trimmed_unread``); a refused XADD
+        would be the proxy's failure, and nobody would count it."""
+        memory = cast(dict[str, Any], self.r.info("memory"))
+        limit = int(memory.get("maxmemory", 0) or 0)
+        used = int(memory.get("used_memory", 0) or 0)
+        full = limit > 0 and used * 100 >= limit * self.settings.redis_memory_max_percent
+        if full and not self.memory_full:
+            log.warning(
+                "bridge %s: Redis uses %d%% of its maxmemory (%d of %d bytes): pausing reads so "
+                "the producer's writes keep succeeding (DISPATCH_REDIS_MEMORY_MAX_PERCENT=%d)",
+                self.service,
+                used * 100 // limit,
+                used,
+                limit,
+                self.settings.redis_memory_max_percent,
+            )
+        elif self.memory_full and not full:
+            log.info("bridge %s: Redis memory below the limit again", self.service)
+        self.memory_full = full
+
     def housekeeping(self) -> None:
+        self.check_memory()
         self.refresh_streams()
         self.meter.observe(self.r, self.streams.keys, self.read_total)
         self.heartbeat()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import redis
 
@@ -98,17 +98,10 @@ local n, detail = count_trimmed()
 return {n, detail}
 """
 )
-# The same check, then XREADGROUP '>' in the same atomic call: nothing can be trimmed
-# between counting a gap and reading past it.
-_READ = (
-    _COUNT
-    + """
-local n, detail = count_trimmed()
-local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[5], 'COUNT', ARGV[6],
-  'STREAMS', KEYS[1], '>')
-return {n, detail, reply}
-"""
-)
+# ``read_counted`` runs this check and XREADGROUP '>' in one MULTI/EXEC: nothing can be
+# trimmed between counting a gap and reading past it. (Not XREADGROUP inside the script:
+# turning 500 entries into Lua values and back cost Redis ~8 us of CPU per event, measured
+# with benchmarks/cost.py, 3.5x the read itself.)
 
 Reply = list[tuple[bytes, dict[bytes, bytes] | None]]
 
@@ -128,7 +121,6 @@ class StreamAdmin:
         self.group = group
         self.service = service
         self._check = client.register_script(_CHECK)
-        self._read = client.register_script(_READ)
         self._warned_unknown = ""
 
     def ensure_group(self) -> None:
@@ -172,12 +164,12 @@ class StreamAdmin:
         """XREADGROUP ``>`` (no blocking) right after counting a trimmed gap, atomically:
         how a bridge reads while it is behind (see ``_COUNT``)."""
         keys, args = self._keys_args()
-        code, detail, reply = cast(list[Any], self._read(keys=keys, args=[*args, consumer, count]))
+        pipe = self.r.pipeline(transaction=True)
+        self._check(keys=keys, args=args, client=pipe)
+        pipe.xreadgroup(self.group, consumer, {self.stream: ">"}, count=count)
+        (code, detail), reply = pipe.execute()
         self._report(int(code), detail)
-        if not reply:
-            return []
-        entries = reply[0][1]
-        return [(eid, dict(zip(flat[::2], flat[1::2], strict=True))) for eid, flat in entries]
+        return cast(Reply, reply[0][1]) if reply else []
 
     def _report(self, n: int, detail: object) -> int:
         where = detail.decode() if isinstance(detail, bytes) else str(detail)

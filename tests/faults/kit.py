@@ -70,7 +70,9 @@ class Figures:
     def line(self) -> str:
         resume = "-" if self.resume_s is None else f"{self.resume_s:.2f}s"
         reqs = "-" if self.requests_during_outage is None else str(self.requests_during_outage)
-        extra = " ".join(f"{k}={v}" for k, v in self.extra.items())
+        extra = " ".join(
+            f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in self.extra.items()
+        )
         return (
             f"{self.case:<24} fault={self.fault_s:>5.1f}s published={self.published:<6} "
             f"delivered={self.delivered:<6} dead={self.dead_lettered:<5} "
@@ -217,8 +219,8 @@ class PrivateRedis:
     brings it back on the same port with the same data directory.
     """
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        binary = _redis_server_binary()
+    def __init__(self, workdir: Path, port: int | None = None, binary: str | None = None) -> None:
+        binary = binary or _redis_server_binary()
         if binary is None:
             raise RuntimeError("no redis-server found")
         self.binary = binary
