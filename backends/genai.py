@@ -324,8 +324,10 @@ def _choices(output: Any, error: bool) -> tuple[list[dict[str, Any]], list[str],
     return messages, reasons, vendor
 
 
-def error_message(record: RunRecord) -> str:
-    """``HTTP <status>: <the upstream's message>`` of a failed call."""
+def upstream_message(record: RunRecord) -> Any:
+    """The upstream's message of a failed call, as it came (usually a string), or None: the
+    error body's ``error.message`` (or its code or type), a bare error string, or a top-level
+    ``message``."""
     error = record["error"] if record["error"] is not None else record["output"]
     message: Any = None
     if isinstance(error, dict):
@@ -337,6 +339,12 @@ def error_message(record: RunRecord) -> str:
         message = message or error.get("message")
     elif isinstance(error, str):
         message = error
+    return message
+
+
+def error_message(record: RunRecord) -> str:
+    """``HTTP <status>: <the upstream's message>`` of a failed call."""
+    message = upstream_message(record)
     text = f"HTTP {record['status']}" + (f": {_text(message)}" if message else "")
     return text[:MAX_ERROR_MESSAGE_CHARS]
 
@@ -409,7 +417,7 @@ def parse(record: RunRecord) -> Parsed:
             if shown is not None:
                 openai_output = shown
         if operation == "embeddings" and isinstance(output.get("data"), list):
-            openai_output = {**output, "data": [_embedding_summary(d) for d in output["data"]]}
+            openai_output = {**output, "data": [embedding_summary(d) for d in output["data"]]}
     if failed and record["error"] is not None:
         openai_output = record["error"]
     params = {k: request[k] for k in PARAM_KEYS if request.get(k) is not None} if request else {}
@@ -445,7 +453,8 @@ def parse(record: RunRecord) -> Parsed:
     )
 
 
-def _embedding_summary(item: Any) -> Any:
+def embedding_summary(item: Any) -> Any:
+    """An embeddings ``data`` item with its vector replaced by ``dimensions`` (its length)."""
     if not isinstance(item, dict) or "embedding" not in item:
         return item
     summary = {k: v for k, v in item.items() if k != "embedding"}

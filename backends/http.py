@@ -510,14 +510,8 @@ class _WatchedConnection(urllib3.connection.HTTPConnection):
         super().request(*args, **kwargs)
 
 
-class _WatchedTlsConnection(urllib3.connection.HTTPSConnection):
-    def connect(self) -> None:
-        super().connect()
-        _watchdog.register(self)
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _watchdog.register(self)
-        super().request(*args, **kwargs)
+class _WatchedTlsConnection(_WatchedConnection, urllib3.connection.HTTPSConnection):
+    """``_WatchedConnection``'s hooks over TLS (its ``super()`` calls reach the TLS class)."""
 
 
 class _Pool(urllib3.connectionpool.HTTPConnectionPool):

@@ -46,6 +46,7 @@ from dispatch_celery.backends.otlp import (
     OtlpBackend,
     OtlpConfig,
     check_url,
+    option_or_foreign,
 )
 from dispatch_celery.decode.records import RunRecord
 from dispatch_celery.errors import ConfigError
@@ -81,14 +82,8 @@ def _json(value: Any) -> str:
 
 def _setting(settings: Settings, service: str, name: str, *foreign: str) -> tuple[str, str | None]:
     """(variable, value): ours, else the Langfuse SDK's; the variable names ours when unset."""
-    value = settings.option(service, name)
-    if value is not None:
-        return settings.option_name(service, name), value
-    for var in foreign:
-        found = settings.env.get(var, "").strip()
-        if found:
-            return var, found
-    return settings.option_name(service, name), None
+    found = option_or_foreign(settings, service, name, *foreign)
+    return found or (settings.option_name(service, name), None)
 
 
 def langfuse_attributes(

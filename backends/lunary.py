@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Self
 import orjson
 
 from dispatch_celery.backend import Run
+from dispatch_celery.backends.genai import embedding_summary, upstream_message
 from dispatch_celery.backends.http import (
     DELIVERED,
     Auth,
@@ -140,7 +141,7 @@ def _output(record: RunRecord) -> Any:
     data = output.get("data")
     if isinstance(data, list) and any(isinstance(d, dict) and "embedding" in d for d in data):
         # Vectors are large and Lunary cannot show them usefully: keep their shape only.
-        return {**output, "data": [_embedding_summary(d) for d in data]}
+        return {**output, "data": [embedding_summary(d) for d in data]}
     return output
 
 
@@ -151,15 +152,6 @@ def _choice_message(choice: dict[str, Any]) -> Any:
     if "text" in choice:  # legacy completions
         return {"role": "assistant", "content": choice["text"]}
     return choice
-
-
-def _embedding_summary(item: Any) -> Any:
-    if not isinstance(item, dict) or "embedding" not in item:
-        return item
-    summary = {k: v for k, v in item.items() if k != "embedding"}
-    vector = item["embedding"]
-    summary["dimensions"] = len(vector) if isinstance(vector, list) else None
-    return summary
 
 
 def _tokens(usage: Usage | None) -> dict[str, int]:
@@ -174,17 +166,7 @@ def _tokens(usage: Usage | None) -> dict[str, int]:
 
 
 def _error_message(record: RunRecord) -> str:
-    error = record["error"] if record["error"] is not None else record["output"]
-    message: Any = None
-    if isinstance(error, dict):
-        inner = error.get("error", error)
-        if isinstance(inner, dict):
-            message = inner.get("message") or inner.get("code") or inner.get("type")
-        elif isinstance(inner, str):
-            message = inner
-        message = message or error.get("message")
-    elif isinstance(error, str):
-        message = error
+    message = upstream_message(record)
     text = f"HTTP {record['status']}" + (f": {message}" if message else "")
     return text[:MAX_ERROR_MESSAGE_CHARS]
 

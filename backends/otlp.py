@@ -106,13 +106,23 @@ def _foreign(settings: Settings, *names: str) -> tuple[str, str] | None:
     return None
 
 
-def _option_or_foreign(
+def option_or_foreign(
     settings: Settings, service: str, name: str, *foreign: str
 ) -> tuple[str, str] | None:
+    """(variable, value): our option ``name``, else the first of the ``foreign`` (non-DISPATCH)
+    variables that is set; None when none is."""
     value = settings.option(service, name)
     if value is not None:
         return settings.option_name(service, name), value
     return _foreign(settings, *foreign)
+
+
+def _option_or_otel(settings: Settings, service: str, name: str) -> tuple[str, str] | None:
+    """Our option ``name``, else ``OTEL_EXPORTER_OTLP_TRACES_<name>``, else
+    ``OTEL_EXPORTER_OTLP_<name>``."""
+    return option_or_foreign(
+        settings, service, name, f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}"
+    )
 
 
 def check_url(var: str, url: str) -> str:
@@ -149,10 +159,7 @@ def resolve_endpoint(service: str, settings: Settings) -> tuple[str, str]:
 
 
 def _protocol(service: str, settings: Settings) -> str:
-    found = _option_or_foreign(
-        settings, service, "PROTOCOL",
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL",
-    )  # fmt: skip
+    found = _option_or_otel(settings, service, "PROTOCOL")
     if found is None:
         return wire.PROTOBUF
     var, value = found
@@ -166,10 +173,7 @@ def _protocol(service: str, settings: Settings) -> str:
 
 
 def _compression(service: str, settings: Settings) -> bool:
-    found = _option_or_foreign(
-        settings, service, "COMPRESSION",
-        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION",
-    )  # fmt: skip
+    found = _option_or_otel(settings, service, "COMPRESSION")
     if found is None:
         return False
     var, value = found

@@ -65,7 +65,7 @@ def attempts(n: int, top: int, work: Path) -> None:
         deliverer = Deliverer(settings)
         first, *rest = recorder.tasks
         deliverer.run("file", first[0], first[2])  # warm up: backend, scripts, connections
-        profiler = cProfile.Profile() if top else None
+        profiler = cProfile.Profile(time.process_time) if top else None
         cpu0, wall0 = time.process_time(), time.perf_counter()
         if profiler is not None:
             profiler.enable()

@@ -64,130 +64,135 @@ def default_group(service: str) -> str:
 PREFIX = "dispatch"
 
 
+def _key(kind: str, *parts: str) -> str:
+    """``dispatch:<kind>:<part>:...``: the one place a Redis key is spelled."""
+    return ":".join((PREFIX, kind, *map(str, parts)))
+
+
 def batch_key(service: str, batch_id: str) -> str:
     """The blob holding one batch's raw entries; deleted once delivered or dead-lettered."""
-    return f"{PREFIX}:batch:{service}:{batch_id}"
+    return _key("batch", service, batch_id)
 
 
 def batch_done_key(service: str, batch_id: str) -> str:
     """SET of entry ids of a batch already delivered or dead-lettered (partial progress)."""
-    return f"{PREFIX}:batch-done:{service}:{batch_id}"
+    return _key("batch-done", service, batch_id)
 
 
 def staged_key(service: str) -> str:
     """HASH batch_id -> "<bridge consumer>|<staging time (s)>": blob stored, task not yet
     confirmed by the broker (the bridge that restarts re-publishes its own at once)."""
-    return f"{PREFIX}:staged:{service}"
+    return _key("staged", service)
 
 
 def inflight_key(service: str) -> str:
     """HASH batch_id -> "<compressed bytes> <raw bytes>" (a plain number from an earlier
     version counts as both): stored by a bridge, not yet finished (delivered or
     dead-lettered). HLEN is the number of batches in flight."""
-    return f"{PREFIX}:inflight:{service}"
+    return _key("inflight", service)
 
 
 def inflight_bytes_key(service: str) -> str:
     """Counter of the compressed bytes (blob sizes) of all batches in ``inflight_key``: what
     ``DISPATCH_HIGH_WATER_BYTES`` limits."""
-    return f"{PREFIX}:inflight-bytes:{service}"
+    return _key("inflight-bytes", service)
 
 
 def inflight_raw_bytes_key(service: str) -> str:
     """Counter of the raw (uncompressed event) bytes of all batches in ``inflight_key``."""
-    return f"{PREFIX}:inflight-raw-bytes:{service}"
+    return _key("inflight-raw-bytes", service)
 
 
 def deadletter_key(service: str) -> str:
     """Dead-letter stream of a service."""
-    return f"{PREFIX}:dlq:{service}"
+    return _key("dlq", service)
 
 
 def stats_key(service: str) -> str:
     """HASH of cluster-wide counters of a service (see ``stats.Counter``)."""
-    return f"{PREFIX}:stats:{service}"
+    return _key("stats", service)
 
 
 def latency_key(service: str) -> str:
     """HASH of the delivery-latency histogram of a service (bucket -> count, sum)."""
-    return f"{PREFIX}:latency:{service}"
+    return _key("latency", service)
 
 
 def heartbeat_key(service: str, consumer: str) -> str:
     """Expiring key a live bridge refreshes; its value is a JSON status line."""
-    return f"{PREFIX}:bridge:{service}:{consumer}"
+    return _key("bridge", service, consumer)
 
 
 def heartbeat_pattern(service: str) -> str:
-    return f"{PREFIX}:bridge:{service}:*"
+    return _key("bridge", service, "*")
 
 
 def ratelimit_key(service: str) -> str:
     """GCRA state (theoretical arrival time) shared by all workers of a service."""
-    return f"{PREFIX}:ratelimit:{service}"
+    return _key("ratelimit", service)
 
 
 def ratelimit_pause_key(service: str) -> str:
     """Set by a worker that got a 429: every worker of the service pauses until it expires."""
-    return f"{PREFIX}:ratelimit-pause:{service}"
+    return _key("ratelimit-pause", service)
 
 
 def batch_state_key(service: str, batch_id: str) -> str:
     """HASH of a batch's retry state (``delivery.retry``): attempts and crashes without
     progress, budget spent, whether an attempt is running; counted across worker crashes."""
-    return f"{PREFIX}:batch-state:{service}:{batch_id}"
+    return _key("batch-state", service, batch_id)
 
 
 def batch_lease_key(service: str, batch_id: str) -> str:
     """Lock (SET NX PX) held by the attempt running a batch: a concurrent copy does nothing."""
-    return f"{PREFIX}:batch-lease:{service}:{batch_id}"
+    return _key("batch-lease", service, batch_id)
 
 
 def due_key(service: str) -> str:
     """ZSET batch_id -> unix time (s) at which a bridge must (re)publish the batch, unless it
     finished or the time was moved: the one recovery index of every batch in flight."""
-    return f"{PREFIX}:due:{service}"
+    return _key("due", service)
 
 
 def tickets_key(service: str) -> str:
     """HASH batch_id -> token of the one task copy allowed to run the batch (the last
     published); any other copy is stale and does nothing."""
-    return f"{PREFIX}:tickets:{service}"
+    return _key("tickets", service)
 
 
 def parked_key(service: str) -> str:
     """ZSET batch_id -> parking time: batches waiting for the outage gate or the credentials
     pause to lift; the attempt that finds the service working again wakes them."""
-    return f"{PREFIX}:parked:{service}"
+    return _key("parked", service)
 
 
 def gate_key(service: str) -> str:
     """HASH until, delay, reason: the outage gate; while closed, attempts do not send."""
-    return f"{PREFIX}:gate:{service}"
+    return _key("gate", service)
 
 
 def gate_probe_key(service: str) -> str:
     """Lock (SET NX PX) of the one attempt probing the service at the gate's end."""
-    return f"{PREFIX}:gate-probe:{service}"
+    return _key("gate-probe", service)
 
 
 def pause_key(service: str) -> str:
     """HASH reason, since: the service refused our credentials and is paused."""
-    return f"{PREFIX}:paused:{service}"
+    return _key("paused", service)
 
 
 def pause_probe_key(service: str) -> str:
     """Lock (SET NX PX probe interval) of the one attempt probing a paused service."""
-    return f"{PREFIX}:paused-probe:{service}"
+    return _key("paused-probe", service)
 
 
 def trim_cursor_key(service: str) -> str:
     """HASH "<group>|<stream>" -> "<last-delivered id>|<count>": trimmed entries already
     counted (an earlier version's field was "<group>")."""
-    return f"{PREFIX}:trim-cursor:{service}"
+    return _key("trim-cursor", service)
 
 
 def trimmed_streams_key(service: str) -> str:
     """HASH stream -> entries the producer trimmed from it before the group read them (the
     per-stream share of ``Counter.TRIMMED_UNREAD``)."""
-    return f"{PREFIX}:trimmed:{service}"
+    return _key("trimmed", service)

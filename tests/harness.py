@@ -130,6 +130,21 @@ def subprocess_env(env: dict[str, str]) -> dict[str, str]:
     return full
 
 
+def dispatch(
+    *args: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``dispatch`` command (``python -m dispatch_celery``) with ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "dispatch_celery", *args],
+        env=subprocess_env(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def spawn_worker(
     env: dict[str, str], service: str, log: Path, concurrency: int = 1, name: str = "w1"
 ) -> subprocess.Popen[bytes]:

@@ -20,6 +20,7 @@ from dispatch_celery.errors import ConfigError
 from dispatch_celery.settings import load_settings
 from tests.harness import (
     REPO,
+    dispatch,
     event,
     jsonl,
     make,
@@ -32,20 +33,6 @@ from tests.harness import (
 )
 
 STREAM = "llm-proxy-events"
-
-
-def dispatch(
-    *args: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dispatch_celery", *args],
-        env=subprocess_env(env),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def test_bad_configuration_stops_at_start_naming_the_variable(redis_url: str) -> None:

@@ -18,6 +18,7 @@ from tests.vendor_servers import (
     FakeHelicone,
     Fault,
     RecordingContext,
+    backend_factory,
     chat_run,
     chat_runs,
     entry_data,
@@ -36,22 +37,8 @@ def server() -> Iterator[FakeHelicone]:
 
 @pytest.fixture
 def make_backend(server: FakeHelicone) -> Iterator[Factory]:
-    made: list[HeliconeBackend] = []
-
-    def make(**options: Any) -> HeliconeBackend:
-        env = {
-            "DISPATCH_HELICONE_API_KEY": server.api_key,
-            "DISPATCH_HELICONE_ENDPOINT": server.url,
-            "DISPATCH_HELICONE_READ_TIMEOUT": "2",
-        }
-        env.update({f"DISPATCH_HELICONE_{k.upper()}": str(v) for k, v in options.items()})
-        backend = HeliconeBackend.from_settings("helicone", load_settings(env))
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        backend.close()
+    with backend_factory(HeliconeBackend, "helicone", server) as make:
+        yield make
 
 
 def _instant(ms: int) -> dict[str, int]:

@@ -19,6 +19,7 @@ from tests.vendor_servers import (
     FakeLunary,
     Fault,
     RecordingContext,
+    backend_factory,
     chat_run,
     chat_runs,
     entry_data,
@@ -37,22 +38,8 @@ def server() -> Iterator[FakeLunary]:
 
 @pytest.fixture
 def make_backend(server: FakeLunary) -> Iterator[Factory]:
-    made: list[LunaryBackend] = []
-
-    def make(**options: Any) -> LunaryBackend:
-        env = {
-            "DISPATCH_LUNARY_API_KEY": server.api_key,
-            "DISPATCH_LUNARY_ENDPOINT": server.url,
-            "DISPATCH_LUNARY_READ_TIMEOUT": "2",
-        }
-        env.update({f"DISPATCH_LUNARY_{k.upper()}": str(v) for k, v in options.items()})
-        backend = LunaryBackend.from_settings("lunary", load_settings(env))
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        backend.close()
+    with backend_factory(LunaryBackend, "lunary", server) as make:
+        yield make
 
 
 def _ctx() -> Any:

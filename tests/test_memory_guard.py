@@ -6,25 +6,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
 
 import pytest
 
 from dispatch_celery.batches.state import BatchStore
-from tests.faults.kit import PrivateRedis
+from tests.faults.kit import PrivateRedis, private_redis  # noqa: F401 (the fixture)
 from tests.harness import bridge, event, jsonl, make, spawn_worker, stop_proc, wait_for, xadd_all
 
 STREAM = "llm-proxy-events"
-
-
-@pytest.fixture
-def private(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    server.close()
 
 
 def test_the_bridge_pauses_before_redis_memory_runs_out_and_the_producer_keeps_writing(
@@ -32,7 +22,7 @@ def test_the_bridge_pauses_before_redis_memory_runs_out_and_the_producer_keeps_w
 ) -> None:
     settings, app, env = make(private.url, tmp_path, DISPATCH_REDIS_MEMORY_MAX_PERCENT="50")
     r = private.client()
-    used = int(cast(dict[str, Any], r.info("memory"))["used_memory"])
+    used = int(r.info("memory")["used_memory"])
     r.config_set("maxmemory", used * 3 // 2)  # Redis at ~66 % of its limit: above 50 %
     store = BatchStore(r, "file")
     with (

@@ -31,6 +31,7 @@ from tests.peers.otlp_receiver import FakeOtlp, StoredSpan
 from tests.vendor_servers import (
     Fault,
     RecordingContext,
+    backend_factory,
     chat_run,
     chat_runs,
     entry_data,
@@ -51,18 +52,8 @@ def server() -> Iterator[FakeOtlp]:
 
 @pytest.fixture
 def make_backend(server: FakeOtlp) -> Iterator[Factory]:
-    made: list[OtlpBackend] = []
-
-    def make(**options: str) -> OtlpBackend:
-        env = {"DISPATCH_OTLP_ENDPOINT": server.url, "DISPATCH_OTLP_READ_TIMEOUT": "2"}
-        env.update({f"DISPATCH_OTLP_{k.upper()}": v for k, v in options.items()})
-        backend = OtlpBackend.from_settings("otlp", load_settings(env))
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        backend.close()
+    with backend_factory(OtlpBackend, "otlp", server, api_key=False) as make:
+        yield make
 
 
 def _ctx() -> Any:

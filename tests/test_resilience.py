@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 import redis
 
 from dispatch_celery import constants as c
-from tests.faults.kit import PrivateRedis
+from tests.faults.kit import PrivateRedis, private_redis  # noqa: F401 (the fixture)
 from tests.harness import (
     bridge,
     event,
@@ -31,14 +30,6 @@ from tests.harness import (
 )
 
 STREAM = "llm-proxy-events"
-
-
-@pytest.fixture
-def private(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    server.close()
 
 
 def delivered(path: Path) -> list[str]:
@@ -237,7 +228,7 @@ def test_a_redis_error_reply_is_logged_as_what_it_is_and_waited_out(
             with pytest.raises(redis.ResponseError, match="maxmemory"):
                 r.set("probe", "x")  # the producer's XADDs fail too now
             wait_for(
-                lambda: any("maxmemory" in m for m in caplog.messages),
+                lambda: any(refusal(m) for m in caplog.messages),
                 timeout=20,
                 what="the OOM reply logged",
             )
@@ -250,9 +241,50 @@ def test_a_redis_error_reply_is_logged_as_what_it_is_and_waited_out(
             )
     finally:
         stop_proc(w)
-    oom = [m for m in caplog.messages if "maxmemory" in m]
-    assert oom and all("Redis refused a command" in m for m in oom), oom
+    # every line quoting the OOM reply names it as a refusal (the memory guard's own
+    # "Redis uses N% of its maxmemory" line may come first: it quotes no reply)
+    oom = [m for m in caplog.messages if "command not allowed" in m]
+    assert oom and all(refusal(m) for m in oom), oom
     assert not any("re-creating the group" in m for m in caplog.messages)
+    # the worker rode it out (an ack refused with OOM used to make it exit)
+    assert "Unrecoverable error" not in (tmp_path / "worker.log").read_text()
+
+
+def refusal(message: str) -> bool:
+    return "Redis refused a command" in message and "maxmemory" in message
+
+
+def test_an_ack_refused_for_lack_of_memory_is_redone_when_redis_has_room(
+    private: PrivateRedis,
+) -> None:
+    """A task finished just as Redis ran out of memory (``noeviction``): the ack's
+    transaction is refused with OOM, a ResponseError rather than a connection error, and
+    Celery stopped the worker ("Unrecoverable error: OutOfMemoryError"). The ack now waits
+    and is redone once Redis has room."""
+    from kombu import Connection, Exchange, Producer, Queue
+
+    from dispatch_celery.delivery.broker import patch_kombu_redis, retry_pending
+
+    patch_kombu_redis()
+    conn = Connection(private.url)
+    channel: Any = conn.channel()
+    queue = Queue("oom-test", Exchange("oom-test"), "oom-test")
+    queue(channel).declare()
+    Producer(channel).publish({"n": 1}, exchange="oom-test", routing_key="oom-test")
+    message = queue(channel).get(no_ack=False)
+    assert message is not None
+    r = private.client()
+    r.config_set("maxmemory", 1)
+    try:
+        message.ack()  # refused: no error, the ack waits
+        assert retry_pending() == 1
+        assert r.hlen("unacked") == 1
+    finally:
+        r.config_set("maxmemory", 0)
+    assert retry_pending() == 0
+    assert r.hlen("unacked") == 0 and r.llen("oom-test") == 0  # acked, not redelivered
+    r.close()
+    conn.release()
 
 
 def test_an_ack_while_redis_is_away_is_redone_when_it_is_back(private: PrivateRedis) -> None:

@@ -23,18 +23,21 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self, TypeVar
 
 from dispatch_celery.backend import DeliveryContext, Run
+from dispatch_celery.backends.http import HttpBackend
 from dispatch_celery.decode.events import decode_entry
 from dispatch_celery.decode.records import build_record
+from dispatch_celery.settings import load_settings
 
 LUNARY_MAX_BODY = 20 * 1024 * 1024
+B = TypeVar("B", bound=HttpBackend)
 
 
 @dataclass
@@ -60,6 +63,7 @@ class FakeVendor:
     """Base: threaded HTTP/1.1 server, bookkeeping, scripted faults."""
 
     path = "/"
+    handler_class: ClassVar[type[_Handler] | None] = None  # None: ``_Handler``
 
     def __init__(self, api_key: str, *, delay: float = 0.0) -> None:
         self.api_key = api_key
@@ -83,18 +87,17 @@ class FakeVendor:
         self.stop()
 
     def start(self) -> None:
-        vendor = self
+        self._listen(self.handler_class or _Handler)
 
-        class Handler(_Handler):
-            pass
-
-        Handler.vendor = vendor
-        server = _Server(("127.0.0.1", 0), Handler)
+    def _listen(self, handler: type[_Handler], port: int = 0) -> _Server:
+        """Serve with a subclass of ``handler`` bound to this vendor, in a thread."""
+        server = _Server(("127.0.0.1", port), type("Handler", (handler,), {"vendor": self}))
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
         self._thread.start()
+        return server
 
     def stop(self) -> None:
         if self._server is not None:
@@ -426,35 +429,24 @@ class FakeLunary(FakeVendor):
 # --- hung connections ----------------------------------------------------------------------
 
 
-class HangingVendor:
-    """A raw-socket HTTP/1.1 server whose answers can hang, for deadline tests.
+class RawHttpServer:
+    """A raw-socket HTTP/1.1 server in a thread, for answers no HTTP library would give
+    (held, dripped): accepts connections (counted in ``connections``, kept in ``_conns``),
+    serves each in its own thread with the subclass's ``_serve``; ``_read_request`` reads one
+    request (headers and a ``Content-Length`` body) through ``_recv``."""
 
-    Each request is read in full; a request whose body contains one of ``hang_on`` (or any
-    request while ``hang_all``) is held: ``mode`` "silent" never answers, "drip" sends a
-    valid 200 answer one byte every ``drip_interval`` seconds (a per-read timeout never
-    fires on it). Other requests get ``200 {"ok": true}`` at once, keep-alive. Counts what
-    it received, held and answered.
-    """
+    path = "/"
+    thread_name = "raw-http"
 
-    path = "/ingest"
-
-    def __init__(
-        self, mode: str = "silent", *, hang_on: tuple[bytes, ...] = (), drip_interval: float = 0.1
-    ) -> None:
-        self.mode = mode
-        self.hang_on = hang_on
-        self.hang_all = not hang_on
-        self.drip_interval = drip_interval
+    def __init__(self, *, backlog: int, accept_timeout: float) -> None:
         self.lock = threading.Lock()
-        self.bodies: list[bytes] = []
-        self.held = 0
-        self.answered = 0
+        self.connections = 0
         self._stop = threading.Event()
         self._conns: list[socket.socket] = []
-        self._listener = socket.create_server(("127.0.0.1", 0), backlog=64)
-        self._listener.settimeout(0.05)
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=backlog)
+        self._listener.settimeout(accept_timeout)
         self.port = int(self._listener.getsockname()[1])
-        self._thread = threading.Thread(target=self._accept, daemon=True, name="hanging-vendor")
+        self._thread = threading.Thread(target=self._accept, daemon=True, name=self.thread_name)
 
     @property
     def url(self) -> str:
@@ -468,10 +460,6 @@ class HangingVendor:
         self._stop.set()
         self._thread.join(5)
         self._listener.close()
-        with self.lock:
-            for conn in self._conns:
-                with contextlib.suppress(OSError):
-                    conn.close()
 
     def _accept(self) -> None:
         while not self._stop.is_set():
@@ -482,14 +470,74 @@ class HangingVendor:
             except OSError:
                 return
             with self.lock:
+                self.connections += 1
                 self._conns.append(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _recv(self, conn: socket.socket) -> bytes:
+        return conn.recv(65536)
+
+    def _read_request(self, conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None:
+        """(body, what was read beyond it), or None when the client closed first."""
+        while b"\r\n\r\n" not in buf:
+            chunk = self._recv(conn)
+            if not chunk:
+                return None
+            buf += chunk
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        while len(rest) < length:
+            chunk = self._recv(conn)
+            if not chunk:
+                return None
+            rest += chunk
+        return rest[:length], rest[length:]
+
+
+class HangingVendor(RawHttpServer):
+    """A raw-socket HTTP/1.1 server whose answers can hang, for deadline tests.
+
+    Each request is read in full; a request whose body contains one of ``hang_on`` (or any
+    request while ``hang_all``) is held: ``mode`` "silent" never answers, "drip" sends a
+    valid 200 answer one byte every ``drip_interval`` seconds (a per-read timeout never
+    fires on it). Other requests get ``200 {"ok": true}`` at once, keep-alive. Counts what
+    it received, held and answered.
+    """
+
+    path = "/ingest"
+    thread_name = "hanging-vendor"
+
+    def __init__(
+        self, mode: str = "silent", *, hang_on: tuple[bytes, ...] = (), drip_interval: float = 0.1
+    ) -> None:
+        super().__init__(backlog=64, accept_timeout=0.05)
+        self.mode = mode
+        self.hang_on = hang_on
+        self.hang_all = not hang_on
+        self.drip_interval = drip_interval
+        self.bodies: list[bytes] = []
+        self.held = 0
+        self.answered = 0
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        with self.lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
         buf = b""
         with contextlib.suppress(OSError):
             while not self._stop.is_set():
-                request = self._read(conn, buf)
+                request = self._read_request(conn, buf)
                 if request is None:
                     return
                 body, buf = request
@@ -516,27 +564,36 @@ class HangingVendor:
                         return
                     conn.sendall(bytes([byte]))
 
-    def _read(self, conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None:
-        while b"\r\n\r\n" not in buf:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return None
-            buf += chunk
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
-        while len(rest) < length:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return None
-            rest += chunk
-        return rest[:length], rest[length:]
-
 
 # --- test data -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def backend_factory(
+    cls: type[B], service: str, server: FakeVendor, *, api_key: bool = True
+) -> Iterator[Callable[..., B]]:
+    """``make(**options)``: a ``cls`` backend of ``service`` sending to ``server`` (its
+    ``api_key`` too, unless ``api_key`` is False; a 2 s read timeout) with the options given
+    (``read_timeout="5"`` is ``DISPATCH_<SERVICE>_READ_TIMEOUT=5``); every backend made is
+    closed when the block ends."""
+    prefix = f"DISPATCH_{service.upper()}_"
+    env = {f"{prefix}ENDPOINT": server.url, f"{prefix}READ_TIMEOUT": "2"}
+    if api_key:
+        env[f"{prefix}API_KEY"] = server.api_key
+    made: list[B] = []
+
+    def make(**options: Any) -> B:
+        settings_env = dict(env)
+        settings_env.update({f"{prefix}{k.upper()}": str(v) for k, v in options.items()})
+        backend = cls.from_settings(service, load_settings(settings_env))
+        made.append(backend)
+        return backend
+
+    try:
+        yield make
+    finally:
+        for backend in made:
+            backend.close()
 
 
 def vectors_path(start: Path) -> Path | None:

@@ -53,11 +53,13 @@ def is_binary_type(content_type: str | None) -> bool:
     return content_type is not None and content_type.lower().startswith(_BINARY_TYPES)
 
 
-def to_value(body: bytes, content_type: str | None) -> Any:
+def to_value(body: bytes, content_type: str | None, *, check_depth: bool = True) -> Any:
     """JSON when ``body`` parses, else text when it is UTF-8, else a binary marker.
 
     A body cut inside a multi-byte character (llm-proxy truncates request bodies at
     64 KiB without saying so) is still text: the incomplete last character is dropped.
+    ``check_depth=False`` leaves out ``too_deep``, for a caller that checks the depth of
+    the whole record at once (``dumps_with_headroom``).
     """
     if is_binary_type(content_type):
         return binary_marker(len(body), content_type)
@@ -66,7 +68,7 @@ def to_value(body: bytes, content_type: str | None) -> Any:
     except orjson.JSONDecodeError:
         pass
     else:
-        if not too_deep(body, value):
+        if not (check_depth and too_deep(body, value)):
             return value
     text = utf8_text(body)
     if text is None:
@@ -91,6 +93,18 @@ def too_deep(source: bytes, value: Any) -> bool:
     except orjson.JSONEncodeError:
         return True
     return False
+
+
+def dumps_with_headroom(record: Any) -> bytes:
+    """``orjson.dumps(record)``, raising ``orjson.JSONEncodeError`` when a value of the
+    record fails ``too_deep``: the record is serialized inside the headroom's levels, less
+    the one it adds itself. One serialization checks every body of a record at once, where
+    ``too_deep`` counts the brackets of each body (a pass over its bytes)."""
+    wrapped = record
+    for _ in range(_HEADROOM_LEVELS - 1):
+        wrapped = [wrapped]
+    data = orjson.dumps(wrapped)
+    return data[_HEADROOM_LEVELS - 1 : len(data) - (_HEADROOM_LEVELS - 1)]
 
 
 def utf8_text(body: bytes) -> str | None:

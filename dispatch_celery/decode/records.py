@@ -43,6 +43,7 @@ _MIN_DECOMPRESS_LIMIT = 8 * 1024 * 1024
 _DECOMPRESS_FACTOR = 16
 _SECONDS: dict[int, str] = {}
 _SECONDS_CACHED = 4096
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 class Usage(TypedDict, total=False):
@@ -70,8 +71,13 @@ class RunRecord(TypedDict):
     streamed: bool
 
 
-def build_record(event: Event, *, max_body_bytes: int) -> RunRecord:
-    """The run record of ``event`` (see the module docstring); never raises for bad bodies."""
+def build_record(event: Event, *, max_body_bytes: int, check_depth: bool = True) -> RunRecord:
+    """The run record of ``event`` (see the module docstring); never raises for bad bodies.
+
+    ``check_depth=False`` skips the per-body depth test (``bodies.too_deep``): for a caller
+    that serializes the record with ``bodies.dumps_with_headroom`` and, when that raises,
+    builds it again with the test (``Redactor.record_of`` does).
+    """
     try:
         ended_ms = int(event.stream_id.partition("-")[0])
     except ValueError:  # decode_entry validates ids; an Event built by hand may not be
@@ -80,8 +86,10 @@ def build_record(event: Event, *, max_body_bytes: int) -> RunRecord:
     duration_ms = max(0, event.duration_ns // 1_000_000)
 
     request_body = event.request_body
-    request_value = bodies.to_value(request_body, None) if request_body else None
-    output_value, streamed, output_source = _response_value(event, max_body_bytes)
+    request_value = (
+        bodies.to_value(request_body, None, check_depth=check_depth) if request_body else None
+    )
+    output_value, streamed, output_source = _response_value(event, max_body_bytes, check_depth)
 
     model = _model(output_value) or _model(request_value)
     error = _error(event.status, output_value) if event.status >= 400 else None
@@ -115,7 +123,7 @@ def rfc3339_ms(ms: int) -> str:
         if len(_SECONDS) >= _SECONDS_CACHED:
             _SECONDS.clear()
         prefix = _SECONDS[seconds] = _format_seconds(seconds)
-    return f"{prefix}.{millis:03d}Z"
+    return prefix + _MILLIS[millis]
 
 
 def _format_seconds(seconds: int) -> str:
@@ -129,7 +137,9 @@ def _format_seconds(seconds: int) -> str:
     )
 
 
-def _response_value(event: Event, max_body_bytes: int) -> tuple[Any, bool, int]:
+def _response_value(
+    event: Event, max_body_bytes: int, check_depth: bool = True
+) -> tuple[Any, bool, int]:
     """(output value, streamed, size of the bytes it came from)."""
     body = event.response_body
     if not body:
@@ -146,9 +156,9 @@ def _response_value(event: Event, max_body_bytes: int) -> tuple[Any, bool, int]:
             return _undecodable(body, content_type, codings, str(exc)), False, 0
     if sse.looks_like_sse(body, content_type):
         merged = sse.merge_sse(body)
-        if merged is not None and not bodies.too_deep(body, merged):
+        if merged is not None and not (check_depth and bodies.too_deep(body, merged)):
             return merged, True, len(body)
-    return bodies.to_value(body, content_type), False, len(body)
+    return bodies.to_value(body, content_type, check_depth=check_depth), False, len(body)
 
 
 def _undecodable(body: bytes, content_type: str | None, codings: list[str], why: str) -> Any:

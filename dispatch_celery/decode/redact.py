@@ -46,7 +46,12 @@ from typing import Any, cast
 
 import orjson
 
-from dispatch_celery.decode.bodies import ContentDecodingError, content_encodings, decode_content
+from dispatch_celery.decode.bodies import (
+    ContentDecodingError,
+    content_encodings,
+    decode_content,
+    dumps_with_headroom,
+)
 from dispatch_celery.decode.credentials import (
     DEFAULT_HEADERS,
     DEFAULT_KEYS,
@@ -57,7 +62,7 @@ from dispatch_celery.decode.credentials import (
     shortest_match,
 )
 from dispatch_celery.decode.events import Event
-from dispatch_celery.decode.records import RunRecord
+from dispatch_celery.decode.records import RunRecord, build_record
 from dispatch_celery.errors import ConfigError
 from dispatch_celery.settings import Settings
 
@@ -191,6 +196,24 @@ class Redactor:
             return event
         return replace(event, response_headers=headers)
 
+    def record_of(self, event: Event, *, max_body_bytes: int) -> tuple[RunRecord, bytes | None]:
+        """``redact_record_json(build_record(event, ...))``, with one serialization doing
+        the scan's work and the bodies' depth test (``bodies.dumps_with_headroom``); a
+        record too deep for it is built again with the per-body test (the deep body then
+        becomes text, as ``build_record`` alone makes it)."""
+        if not self.custom:
+            try:
+                record = build_record(event, max_body_bytes=max_body_bytes, check_depth=False)
+                new = self._metadata(record)
+                data = dumps_with_headroom(new)
+            except TypeError:  # JSONEncodeError: a value too deep (or not serializable)
+                pass
+            else:
+                if not self._detector.in_bytes(data):
+                    return cast(RunRecord, new), data
+                return self._walk_record(new), None
+        return self.redact_record_json(build_record(event, max_body_bytes=max_body_bytes))
+
     def redact_record(self, record: RunRecord) -> RunRecord:
         """A redacted copy of ``record`` (the argument is never modified)."""
         return self.redact_record_json(record)[0]
@@ -199,10 +222,7 @@ class Redactor:
         """``redact_record``, and the redacted record's serialization (``orjson.dumps``)
         when the scan made one that still holds (nothing needed redacting), else None:
         writers reuse it instead of serializing the record again."""
-        new = cast(dict[str, Any], dict(record))
-        if self.metadata_only:
-            new["input"] = None
-            new["output"] = None
+        new = self._metadata(record)
         if not self.custom:
             try:
                 data = orjson.dumps(new)
@@ -211,12 +231,23 @@ class Redactor:
             else:
                 if not self._detector.in_bytes(data):
                     return cast(RunRecord, new), data
+        return self._walk_record(new), None
+
+    def _metadata(self, record: RunRecord) -> dict[str, Any]:
+        """A copy of ``record``, without prompt and completion in metadata-only mode."""
+        new = cast(dict[str, Any], dict(record))
+        if self.metadata_only:
+            new["input"] = None
+            new["output"] = None
+        return new
+
+    def _walk_record(self, new: dict[str, Any]) -> RunRecord:
         for field, value in new.items():
             try:
                 new[field] = self._walk(value)
             except RecursionError:  # deeper than we can walk: do not send what we cannot see
                 new[field] = dict(_TOO_DEEP)
-        return cast(RunRecord, new), None
+        return cast(RunRecord, new)
 
     def redact_raw(self, data: bytes) -> bytes:
         """The entry's ``data`` with sensitive values redacted; JSON stays valid JSON.

@@ -120,9 +120,10 @@ def _merge_choices(chunks: list[dict[str, Any]], *, chat: bool) -> dict[str, Any
     usage: Any = None
     error: Any = None
     for chunk in chunks:
-        for key in _CARRIED:
-            if key not in carried and chunk.get(key) is not None:
-                carried[key] = chunk[key]
+        if len(carried) < len(_CARRIED):  # once all are found, later chunks cannot matter
+            for key in _CARRIED:
+                if key not in carried and chunk.get(key) is not None:
+                    carried[key] = chunk[key]
         if isinstance(chunk.get("usage"), dict):
             usage = chunk["usage"]
         if chunk.get("error") is not None:
@@ -131,7 +132,10 @@ def _merge_choices(chunks: list[dict[str, Any]], *, chat: bool) -> dict[str, Any
             if not isinstance(raw, dict):
                 continue
             index = raw.get("index")
-            state = choices.setdefault(index if type(index) is int else 0, _Choice())
+            slot = index if type(index) is int else 0
+            state = choices.get(slot)
+            if state is None:
+                state = choices[slot] = _Choice()
             if raw.get("finish_reason") is not None:
                 state.finish_reason = raw["finish_reason"]
             logprobs = raw.get("logprobs")
@@ -163,11 +167,15 @@ def _merge_choices(chunks: list[dict[str, Any]], *, chat: bool) -> dict[str, Any
 def _apply_delta(state: _Choice, delta: dict[str, Any]) -> None:
     if state.role is None and isinstance(delta.get("role"), str):
         state.role = delta["role"]
-    for key, parts in (("content", state.content), ("refusal", state.refusal),
-                       ("reasoning_content", state.reasoning)):  # fmt: skip
-        value = delta.get(key)
-        if isinstance(value, str):
-            parts.append(value)
+    value = delta.get("content")
+    if isinstance(value, str):
+        state.content.append(value)
+    value = delta.get("refusal")
+    if isinstance(value, str):
+        state.refusal.append(value)
+    value = delta.get("reasoning_content")
+    if isinstance(value, str):
+        state.reasoning.append(value)
     for call in delta.get("tool_calls") or ():
         if isinstance(call, dict):
             index = call.get("index")

@@ -32,7 +32,6 @@ from dispatch_celery.batches.codec import Batch, Entry
 from dispatch_celery.batches.state import BatchStore, Begun
 from dispatch_celery.decode.events import decode_entry
 from dispatch_celery.decode.filters import EventFilter
-from dispatch_celery.decode.records import build_record
 from dispatch_celery.decode.redact import Redactor
 from dispatch_celery.delivery.deadletters import DeadLetters, NewDeadLetter
 from dispatch_celery.delivery.ratelimit import RateLimiter, RateLimitWait
@@ -456,8 +455,8 @@ class Deliverer:
             plan.count(Counter.FILTERED if decision == "filtered" else Counter.SAMPLED_OUT)
             return None
         try:
-            record, serialized = rt.redactor.redact_record_json(
-                build_record(event, max_body_bytes=self.settings.max_body_bytes)
+            record, serialized = rt.redactor.record_of(
+                event, max_body_bytes=self.settings.max_body_bytes
             )
         except Exception as exc:  # a bug must cost one event, never the batch
             log.exception("could not build the record of entry %s", entry.entry_id)

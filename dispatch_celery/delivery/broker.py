@@ -2,7 +2,8 @@
 setup). Measured on kombu 5.7 / Celery 5.7 / redis-py 8.1 (tests/test_resilience.py,
 tests/faults/test_redis_restart.py; research in the issue-8 notes).
 
-Three defects made a worker exit, strand a task or lose one when Redis restarts:
+Four defects made a worker exit, strand a task or lose one when Redis restarts or
+refuses writes:
 
 1. **Exit.** After a lost connection the consumer collects the old connection, and kombu
    sets ``transport.client = None``; closing a channel then restores unacknowledged
@@ -17,6 +18,13 @@ Three defects made a worker exit, strand a task or lose one when Redis restarts:
 3. **Duplicate.** An ack that failed while Redis was away left the message in ``unacked``;
    the visibility-timeout sweep redelivered a finished task. The ack is now retried once
    Redis answers again (and is done locally at once, so a close does not requeue it).
+4. **Exit on a refusal.** Redis refusing a write (OOM under ``maxmemory`` with
+   ``noeviction``; READONLY, MISCONF, ... while it is degraded) raised a ``ResponseError``
+   out of the ack of a finished task; it is not a connection error, so Celery treated it
+   as unrecoverable and the worker exited: delivery never resumed once Redis had room
+   again. A refused ack now waits like one made while Redis was away; a refused
+   ``unacked`` record lets the task run without it (were it lost, the batch's due index
+   re-publishes it).
 
 Failed writes wait in ``_pending`` and are retried after every (re)connect of the consumer
 and every 5 s (the ``RetryPending`` bootstep). Any copy that still slips through is
@@ -39,6 +47,27 @@ log = logging.getLogger("dispatch_celery.delivery.broker")
 
 RETRY_EVERY_S = 5.0
 
+# Error replies of a Redis that refuses writes for now (out of memory, a replica after a
+# failover, a failed RDB save, a cluster in transition): waited out, like a lost connection.
+_REFUSED_TYPES = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.MasterDownError,
+)
+_REFUSED_PREFIXES = ("OOM", "READONLY", "MISCONF", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a write for now (OOM, READONLY, MISCONF, ...)."""
+    if isinstance(exc, _REFUSED_TYPES):
+        return True
+    # in a pipeline redis-py prefixes "Command # 1 (...) of pipeline caused error: "
+    reply = str(exc).rsplit("caused error: ", 1)[-1]
+    return isinstance(exc, redis.ResponseError) and reply.startswith(_REFUSED_PREFIXES)
+
+
 # (qos, delivery tag, (raw message, exchange, routing key) to requeue, or None to ack)
 _pending: deque[tuple[Any, str, tuple[Any, str, str] | None]] = deque()
 _lock = threading.Lock()
@@ -59,6 +88,10 @@ def retry_pending() -> int:
                         pipe.execute()
                     log.warning("put back on its queue a task read while Redis went away")
             except qos.channel.connection_errors:
+                return len(_pending)
+            except redis.ResponseError as exc:
+                if not refused(exc):
+                    raise
                 return len(_pending)
             _pending.popleft()
         return 0
@@ -89,12 +122,26 @@ def patch_kombu_redis() -> None:
                 info = message.delivery_info
                 _defer(self, delivery_tag, (message._raw, info["exchange"], info["routing_key"]))
                 raise
+            except redis.ResponseError as exc:
+                if not refused(exc):
+                    raise
+                # Redis answers but refuses the write: run the task without its record
+                virtual.QoS.append(self, message, delivery_tag)
+                log.warning(
+                    "Redis refused to record a task as unacknowledged (%s); running it anyway "
+                    "(if this worker dies, the batch's due index re-publishes it)",
+                    exc,
+                )
 
         def ack(self, delivery_tag: str) -> None:
             try:
                 self._remove_from_indices(delivery_tag).execute()
             except self.channel.connection_errors:
                 _defer(self, delivery_tag, None)
+            except redis.ResponseError as exc:
+                if not refused(exc):
+                    raise
+                _defer(self, delivery_tag, None)  # done once Redis has room again
             virtual.QoS.ack(self, delivery_tag)  # done locally: a close must not requeue it
             retry_pending()
 

@@ -530,7 +530,7 @@ class Bridge:
         to the point where the producer's XADD is refused (``noeviction``). Whatever the
         producer trims while we do not read is counted (``trimmed_unread``); a refused XADD
         would be the proxy's failure, and nobody would count it."""
-        memory = cast(dict[str, Any], self.r.info("memory"))
+        memory = self.r.info("memory")
         limit = int(memory.get("maxmemory", 0) or 0)
         used = int(memory.get("used_memory", 0) or 0)
         full = limit > 0 and used * 100 >= limit * self.settings.redis_memory_max_percent

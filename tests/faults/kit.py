@@ -32,18 +32,19 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import orjson
+import pytest
 import redis
 
 from tests.conftest import _redis_server_binary, free_port
-from tests.harness import REPO, event, jsonl, pipeline_env, subprocess_env, wait_for
-from tests.vendor_servers import FakeHelicone, _Handler, _Server
+from tests.harness import REPO, dispatch, event, jsonl, pipeline_env, subprocess_env, wait_for
+from tests.vendor_servers import FakeHelicone, RawHttpServer, _Handler
 
 STREAM = "llm-proxy-events"
 DUPLICATE_SHARE = 0.02  # duplicates at the receiver must stay under 2 % of the events
@@ -260,7 +261,7 @@ class PrivateRedis:
                 try:
                     client.ping()  # BusyLoadingError (a ConnectionError) while the AOF loads
                     return
-                except redis.ConnectionError:
+                except (redis.ConnectionError, redis.TimeoutError):  # a slow start under load
                     if self.proc.poll() is not None or time.monotonic() > deadline:
                         raise RuntimeError(
                             f"redis-server did not start on {self.port}: "
@@ -293,6 +294,16 @@ class PrivateRedis:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+@pytest.fixture(name="private")
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A started ``PrivateRedis`` in the test's scratch directory, closed afterwards; a test
+    module imports this to have the ``private`` fixture."""
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.close()
 
 
 # --- a TCP proxy ---------------------------------------------------------------------------
@@ -417,15 +428,9 @@ class OutageHelicone(FakeHelicone):
                 with suppress(OSError):
                     super().finish()
 
-        Handler.vendor = vendor
-        server = _Server(("127.0.0.1", self.port), Handler)
+        server = self._listen(Handler, self.port)
         self.port = int(server.server_address[1])
         self._url = f"http://127.0.0.1:{self.port}{self.path}"
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
 
     @property
     def url(self) -> str:
@@ -475,74 +480,22 @@ _DRIP = (
 )
 
 
-class RawVendor:
+class RawVendor(RawHttpServer):
     """A raw socket HTTP server: ``mode`` "silent" (accepts, reads the request, never
     answers), "drip" (answers one byte a second) or "ok" (answers 200, records the run)."""
 
     path = "/custom/v1/log"
+    thread_name = "raw-vendor"
 
     def __init__(self, mode: str = "silent") -> None:
+        super().__init__(backlog=256, accept_timeout=0.1)
         self.mode = mode
-        self.lock = threading.Lock()
         self.accepted: Counter[str] = Counter()
         self.hung = 0  # requests held (silent or drip)
-        self.connections = 0
-        self._stop = threading.Event()
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(256)
-        self._listener.settimeout(0.1)
-        self.port = int(self._listener.getsockname()[1])
-        self._thread = threading.Thread(target=self._accept, daemon=True, name="raw-vendor")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path}"
-
-    def __enter__(self) -> RawVendor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._listener.close()
 
     def counts(self) -> Counter[str]:
         with self.lock:
             return Counter(self.accepted)
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self.lock:
-                self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _read_request(self, conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None:
-        while b"\r\n\r\n" not in buf:
-            chunk = self._recv(conn)
-            if not chunk:
-                return None
-            buf += chunk
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
-        while len(rest) < length:
-            chunk = self._recv(conn)
-            if not chunk:
-                return None
-            rest += chunk
-        return rest[:length], rest[length:]
 
     def _recv(self, conn: socket.socket) -> bytes:
         while not self._stop.is_set():
@@ -844,15 +797,7 @@ def dispatch_cli(
     env: dict[str, str], *args: str, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """Run the real ``dispatch`` command with the scenario's environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "dispatch_celery", *args],
-        env=subprocess_env(env),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return dispatch(*args, env=env, timeout=timeout)
 
 
 def scrape_metrics(env: dict[str, str], logdir: Path, timeout: float = 30) -> str:

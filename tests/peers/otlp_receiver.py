@@ -28,7 +28,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from tests.vendor_servers import FakeVendor, _Handler, _Server
+from tests.vendor_servers import FakeVendor, _Handler
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -113,6 +113,7 @@ class FakeOtlp(FakeVendor):
     ``auth``: the exact Authorization header required, or None."""
 
     path = "/v1/traces"
+    handler_class = _OtlpHandler
 
     def __init__(
         self,
@@ -134,22 +135,6 @@ class FakeOtlp(FakeVendor):
         self.reject: dict[str, str] = {}  # span id -> why (partial success)
         self.name_rejected = True  # say which spans in error_message
         self.refuse: set[str] = set()  # a request holding one of these span ids -> 400
-
-    def start(self) -> None:
-        vendor = self
-
-        class Handler(_OtlpHandler):
-            pass
-
-        Handler.vendor = vendor
-        server = _Server(("127.0.0.1", 0), Handler)
-        self._server = server
-        import threading
-
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
 
     def check_auth(self, headers: Mapping[str, str]) -> bool:
         return self.auth is None or headers.get("authorization") == self.auth
