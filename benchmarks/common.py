@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -36,6 +36,7 @@ from dispatch_celery.cli.sample import event_json, sample_events  # noqa: E402
 STREAM = "llm-proxy-events"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LUNARY_KEY = "0b8a3e3e-2f4c-4d9c-9a57-0d8f0e1c2b3a"  # Lunary project keys are UUIDs
+WEBHOOK_SECRET = "whsec_YmVuY2htYXJrLXNlY3JldC1rZXktMzItYnl0ZXMh"  # noqa: S105 - a test key
 
 
 def load() -> str:
@@ -80,9 +81,7 @@ def sized_events(n: int, size: int, *, seed: int = 1) -> Iterator[bytes]:
     answer share the padding), with distinct request ids."""
     # Base64 inflates the bodies by 4/3; the envelope and the JSON around them ~700 B.
     text = max(16, (size - 700) * 3 // 4 // 2)
-    words = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod " * 2000)[
-        :text
-    ]
+    words = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod " * 2000)[:text]
     request = orjson.dumps(
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": words}]}
     )
@@ -288,12 +287,94 @@ def wait_settled(
     return time.monotonic()
 
 
+def drain(
+    url: str,
+    client: redis.Redis,
+    work: Path,
+    n: int,
+    *,
+    service: str = "file",
+    size: int | None = None,
+    env: Mapping[str, str] | None = None,
+    worker_args: Sequence[Sequence[str]] = ((),),
+    bridges: int = 1,
+) -> dict[str, Any]:
+    """Fill the stream with ``n`` events, start the workers (one per entry of
+    ``worker_args``) and wait until they consume, then the bridges, and time the drain
+    from the first publish to the last event settled. Returns events/s, MB/s, seconds,
+    CPU us per event per process (bridge: from its first publish; workers: all of it;
+    Redis: INFO CPU delta), peak RSS per process tree (MB) and Redis's peak memory (MB)."""
+    out = work / f"{service}-{time.monotonic_ns()}"
+    out.mkdir()
+    sink_url, sink = ("", None) if service == "file" else start_sink(sink_mode(service))
+    pipeline = Pipeline(url, out, service, {**backend_env(service, sink_url), **(env or {})})
+    try:
+        avg = fill(client, n, size=size)
+        client.config_resetstat()
+        for i, args in enumerate(worker_args):
+            pipeline.start_worker(f"worker{i + 1}", args)
+        pipeline.wait_ready(client, len(worker_args))
+        workers = [name for name in pipeline.procs if name.startswith("worker")]
+        w0 = {name: tree_cpu(pipeline.procs[name].pid) for name in workers}
+        r0 = redis_cpu(client)
+        s0 = tree_cpu(sink.pid) if sink else 0.0
+        for i in range(bridges):
+            pipeline.start_bridge(f"bridge{i + 1}", consumer=f"bench{i + 1}")
+        names = [f"bridge{i + 1}" for i in range(bridges)]
+        while not client.exists(stats_key(service)):  # the first publish
+            pipeline.check()
+            time.sleep(0.002)
+        b0 = {name: tree_cpu(pipeline.procs[name].pid) for name in names}
+        e0 = int(stats.read(client, service)["enqueued_events"])
+        t0 = time.monotonic()
+        t1 = wait_settled(client, pipeline, n, poll=0.02)
+        cpu = {name: tree_cpu(pipeline.procs[name].pid) - b0[name] for name in names}
+        cpu.update({name: tree_cpu(pipeline.procs[name].pid) - w0[name] for name in workers})
+        redis_s = redis_cpu(client) - r0
+        sink_s = (tree_cpu(sink.pid) - s0) if sink else 0.0
+        rss = pipeline.rss()
+        peak = float(cast(Mapping[str, Any], client.info("memory"))["used_memory_peak"])
+        seconds = t1 - t0
+        bridge_us = sum(cpu[b] for b in names) / max(1, n - e0) * 1e6
+        worker_us = sum(cpu[w] for w in workers) / n * 1e6
+        return {
+            "events": n,
+            "size": avg,
+            "seconds": seconds,
+            "rate": n / seconds,
+            "mb_s": n * avg / seconds / 1e6,
+            "bridge_us": bridge_us,
+            "worker_us": worker_us,
+            "redis_us": redis_s / n * 1e6,
+            "sink_us": sink_s / n * 1e6,
+            "cpu_share": (sum(cpu.values()) + redis_s) / seconds / (os.cpu_count() or 1),
+            "rss_bridge": sum(rss[b] for b in names),
+            "rss_worker": sum(rss[w] for w in workers),
+            "redis_peak_mb": peak / 2**20,
+        }
+    finally:
+        pipeline.stop()
+        if sink is not None:
+            sink.terminate()
+            sink.wait(10)
+
+
+def stats_key(service: str) -> str:
+    from dispatch_celery import constants
+
+    return constants.stats_key(service)
+
+
 def start_sink(mode: str) -> tuple[str, subprocess.Popen[bytes]]:
     """``benchmarks/sink.py`` on a free port: ``http://127.0.0.1:<port>``."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("sink.py")), "--port", str(port),
-         "--mode", mode]  # fmt: skip
+        [
+            sys.executable,
+            str(Path(__file__).with_name("sink.py")),
+            *("--port", str(port)),
+            *("--mode", mode),
+        ]
     )
     for _ in range(200):
         try:
@@ -320,8 +401,10 @@ def backend_env(service: str, sink_url: str) -> dict[str, str]:
         return {"DISPATCH_LANGFUSE_HOST": sink_url, "DISPATCH_LANGFUSE_PUBLIC_KEY": "pk-lf-bench",
                 "DISPATCH_LANGFUSE_SECRET_KEY": "sk-lf-bench"}  # fmt: skip
     if service == "webhook":
-        return {"DISPATCH_WEBHOOK_URL": f"{sink_url}/hook",
-                "DISPATCH_WEBHOOK_SECRET": "whsec_YmVuY2htYXJrLXNlY3JldC1rZXktMzItYnl0ZXMh"}  # fmt: skip
+        return {
+            "DISPATCH_WEBHOOK_URL": f"{sink_url}/hook",
+            "DISPATCH_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        }
     raise SystemExit(f"no sink configuration for backend {service!r}")
 
 

@@ -3,9 +3,9 @@
     python benchmarks/sink.py --port 8080 --mode ok      # 200 {} (Helicone, OTLP, webhook)
     python benchmarks/sink.py --port 8080 --mode lunary  # 200 {"results": [...]} per event
 
-Keep-alive, one asyncio task per connection, no logging; it counts requests and prints
-the count when it is stopped (SIGTERM). Lunary mode answers one success per event of
-``{"events": [...]}``, keyed by the event's ``runId`` as Lunary does.
+Keep-alive, one asyncio task per connection, no logging; it stops on SIGTERM. Lunary
+mode answers one success per event of ``{"events": [...]}``, keyed by the event's
+``runId`` as Lunary does.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import signal
 
 import orjson
 
-_requests = 0
-
 
 def _answer(mode: str, body: bytes) -> bytes:
     if mode == "lunary":
@@ -27,7 +25,6 @@ def _answer(mode: str, body: bytes) -> bytes:
 
 
 async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mode: str) -> None:
-    global _requests
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -51,7 +48,6 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mod
                 body = b"".join(parts)
             else:
                 body = await reader.readexactly(length) if length else b""
-            _requests += 1
             reply = _answer(mode, body)
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "

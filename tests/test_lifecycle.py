@@ -192,6 +192,29 @@ def test_a_retry_waits_as_a_due_time_in_redis_not_in_the_broker(
     assert r.zcard(c.due_key("flaky")) == 0 and r.hlen(c.inflight_key("flaky")) == 0
 
 
+def test_a_retry_scheduled_before_the_bridge_confirmed_keeps_its_due_time(
+    redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    """A worker can begin a task, fail and schedule the retry before the bridge that
+    published it confirms (a fast worker, a busy bridge): the confirm must not move that
+    due time to the queue lease (it did: the retry came 300 s late, not 1 s)."""
+    settings, _, _ = make(redis_url, tmp_path)
+    r.hset("test:flaky:flaky", mapping={"transient": 1, "retry_after": 1})
+    store, [(batch_id, token, entries)] = stage(r, "flaky", 1, 5)
+    result = Deliverer(settings).run("flaky", batch_id, token)  # before the confirm
+    assert result.outcome == "retry" and result.due is not None
+    confirm(store, batch_id, entries, lease=settings.queue_lease)
+    assert r.xpending(STREAM, GROUP)["pending"] == 0  # the entries are acknowledged all the same
+    assert r.zscore(c.due_key("flaky"), batch_id) == pytest.approx(result.due, abs=0.01)
+    # the next publish (a new ticket) is confirmed as usual: due after the queue lease
+    r.zadd(c.due_key("flaky"), {batch_id: time.time() - 1}, xx=True)  # the retry is due
+    [(claimed, _)] = store.claim_due(settings.queue_lease, 10)
+    assert claimed == batch_id
+    confirm(store, batch_id, [], lease=settings.queue_lease)
+    due = cast(float, r.zscore(c.due_key("flaky"), batch_id))
+    assert due == pytest.approx(time.time() + settings.queue_lease, abs=2)
+
+
 def test_a_batch_whose_blob_vanished_is_dropped_counted_and_not_retried(
     redis_url: str, r: redis.Redis, tmp_path: Path
 ) -> None:

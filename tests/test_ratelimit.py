@@ -109,9 +109,13 @@ def test_unreachable_redis_is_transient() -> None:
     limiter.slow_down(1)  # best effort: logs, does not raise
 
 
-def _hammer(url: str, until: float, out: Any) -> None:
+def _hammer(url: str, window: float, go: Any, start: Any, out: Any) -> None:
     client = redis.Redis.from_url(url)
     limiter = RateLimiter(client, "shared", Rate(20, 1))
+    client.ping()
+    out.put("ready")
+    go.wait(60)
+    until = start.value + window
     stamps = []
     while True:
         limiter.acquire()
@@ -123,14 +127,20 @@ def _hammer(url: str, until: float, out: Any) -> None:
 
 
 def test_processes_share_one_limit(redis_url: str, r: redis.Redis) -> None:
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    start = time.time() + 0.3  # both children are running before the window opens
+    # spawn, not fork: a child forked from a process with threads (pytest-xdist's, or those
+    # an earlier test left) can inherit a lock held by one of them and hang
+    ctx = multiprocessing.get_context("spawn")
+    out, go, start_at = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
     window = 1.5
-    procs = [ctx.Process(target=_hammer, args=(redis_url, start + window, out)) for _ in range(2)]
+    procs = [
+        ctx.Process(target=_hammer, args=(redis_url, window, go, start_at, out)) for _ in range(2)
+    ]
     for proc in procs:
         proc.start()
-    per_process = [out.get(timeout=10) for _ in procs]
+    assert [out.get(timeout=60) for _ in procs] == ["ready", "ready"]
+    start = start_at.value = time.time() + 0.3  # both children are running before it opens
+    go.set()
+    per_process = [out.get(timeout=30) for _ in procs]
     for proc in procs:
         proc.join(5)
     stamps = sorted(s for batch in per_process for s in batch if s >= start)

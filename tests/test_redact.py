@@ -333,3 +333,60 @@ def test_redact_event_for_backends_that_forward_headers() -> None:
     bare = Redactor(metadata_only=True).redact_event(event)
     assert (bare.response_body, bare.request_body) == (None, None)
     assert bare.event_id == event.event_id
+
+
+# --- record_of: build, depth test and scan in one serialization ---------------------------
+
+
+def expected_record_of(redactor: Redactor, event: Any) -> tuple[RunRecord, bytes | None]:
+    return redactor.redact_record_json(build_record(event, max_body_bytes=1 << 20))
+
+
+@pytest.mark.parametrize(
+    "redactor",
+    [Redactor(), Redactor(metadata_only=True), Redactor(patterns=[r"Canberra"])],
+    ids=["default", "metadata-only", "custom-pattern"],
+)
+def test_record_of_is_build_then_redact(redactor: Redactor) -> None:
+    for i, data in enumerate(sample_events(300, seed=4)):
+        event = decode_entry("s", f"1736937000{i:03d}-0", data)
+        record, serialized = redactor.record_of(event, max_body_bytes=1 << 20)
+        assert (record, serialized) == expected_record_of(redactor, event)
+        if serialized is not None:  # what the file backend writes instead of serializing
+            assert serialized == orjson.dumps(record)
+
+
+def test_record_of_redacts_and_then_has_no_serialization_to_reuse() -> None:
+    data = raw_event(request_body=orjson.dumps({"messages": [{"content": OPENAI_KEY}]}))
+    record, serialized = Redactor().record_of(decoded(data), max_body_bytes=1 << 20)
+    assert record["input"] == {"messages": [{"content": REDACTED}]}
+    assert serialized is None
+
+
+def test_record_of_carries_a_body_too_deep_to_serialize_as_text() -> None:
+    deep = b"[" * 600 + b"1" + b"]" * 600
+    at_limit = b"[" * 222 + b"1" + b"]" * 222  # the deepest a body may be and stay JSON
+    for body in (deep, at_limit, b"[" * 223 + b"1" + b"]" * 223):
+        event = decoded(raw_event(response_body=body, request_body=b'{"a":' + body + b"}"))
+        record, serialized = Redactor().record_of(event, max_body_bytes=1 << 20)
+        assert (record, serialized) == expected_record_of(Redactor(), event)
+        assert orjson.dumps(record)
+    assert isinstance(Redactor().record_of(decoded(raw_event(response_body=at_limit)),
+                                           max_body_bytes=1 << 20)[0]["output"], list)  # fmt: skip
+
+
+def test_run_redacts_its_event_on_first_use_only() -> None:
+    from dispatch_celery.backend import Run
+
+    event = decoded(raw_event(headers={"Set-Cookie": ["sid=1"]}))
+    calls: list[Any] = []
+
+    def redact(e: Any) -> Any:
+        calls.append(e)
+        return Redactor().redact_event(e)
+
+    run = Run(build_record(event, max_body_bytes=1 << 20), event, redact_event=redact)
+    assert calls == []  # the file backend never looks: no work
+    assert run.event.response_headers == {"Set-Cookie": [REDACTED]}
+    assert run.event is run.event and len(calls) == 1
+    assert run.raw == event.raw and run.json is None

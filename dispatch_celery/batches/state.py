@@ -12,8 +12,9 @@ Life of a batch (each step is one atomic Redis call):
 2. the bridge publishes the task ``(service, batch_id, events, token)``; the broker
    accepted it.
 3. ``confirm`` (bridge): XACK the entries (counted as enqueued), HDEL staged, ZADD due
-   now + queue lease. The XACK happens only after the broker accepted the task, on every
-   path (first publish and re-publish).
+   now + queue lease (unless a worker already began this task: then the due time is the
+   worker's). The XACK happens only after the broker accepted the task, on every path
+   (first publish and re-publish).
 4. ``begin`` (worker): blob gone -> ``gone`` (finished by another copy: nothing to do);
    token is not the ticket -> ``stale`` (a newer copy was published); the batch's lease
    lock is held -> ``busy`` (a copy is running). Then the credentials pause and the outage
@@ -133,18 +134,25 @@ end
 return out
 """
 
-# KEYS: 1 staged, 2 due, 3 stats, 4 stream (or '').
+# KEYS: 1 staged, 2 due, 3 stats, 4 stream (or ''), 5 tickets, 6 state.
 # ARGV: 1 batch id, 2 due time, 3 group (or ''), 4 enqueued counter name, 5.. entry ids
 # The broker accepted the batch's task: XACK (counting the entries acknowledged now, so a
 # re-publish is not counted twice), unstage, and move the due time to the queue lease, but
-# only while the batch is still in flight (ZADD XX: a finished batch stays finished).
+# only while the batch is still in flight (ZADD XX: a finished batch stays finished) and
+# no worker began this very task yet: a fast worker can begin it (and reschedule a retry,
+# or park it at a closed gate) before the bridge confirms, and then the due time is the
+# worker's (``begin`` marks the ticket it began as ``begun``); moving it to the queue lease
+# delayed that retry by the whole lease (300 s by default).
 _CONFIRM = """
 if KEYS[4] ~= '' and ARGV[3] ~= '' and #ARGV > 4 then
   local n = redis.call('XACK', KEYS[4], ARGV[3], unpack(ARGV, 5))
   if n > 0 then redis.call('HINCRBY', KEYS[3], ARGV[4], n) end
 end
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[2], 'XX', tonumber(ARGV[2]), ARGV[1])
+local ticket = redis.call('HGET', KEYS[5], ARGV[1])
+if not ticket or redis.call('HGET', KEYS[6], 'begun') ~= ticket then
+  redis.call('ZADD', KEYS[2], 'XX', tonumber(ARGV[2]), ARGV[1])
+end
 return 1
 """
 
@@ -164,6 +172,8 @@ if not redis.call('SET', KEYS[3], ARGV[2] == '' and '-' or ARGV[2], 'NX', 'PX', 
   if left > 0 then redis.call('ZADD', KEYS[5], 'XX', now + left / 1000 + 1, ARGV[1]) end
   return {'busy'}
 end
+-- from here on the due time is this attempt's: a confirm still to come leaves it alone
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[4], 'begun', ARGV[2]) end
 local mode = 'run'
 if redis.call('EXISTS', KEYS[9]) == 1 then
   if redis.call('SET', KEYS[10], '1', 'NX', 'PX', ARGV[5]) then
@@ -367,8 +377,9 @@ class BatchStore:
         due = time.time() + lease_s
         pipe = self.r.pipeline(transaction=True)
         for batch_id, stream, group, ids in batches:
+            keys = [self.staged, self.due, self.stats, stream if group else "", self.tickets]
             self._confirm(
-                keys=[self.staged, self.due, self.stats, stream if group else ""],
+                keys=[*keys, c.batch_state_key(self.service, batch_id)],
                 args=[batch_id, f"{due:.3f}", group, Counter.ENQUEUED.value, *ids],
                 client=pipe,
             )

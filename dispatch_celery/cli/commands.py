@@ -57,7 +57,7 @@ def main() -> None:
 )
 @click.option("--group", help="Consumer group [dispatch-<service>].")
 @click.option("--consumer", help="Consumer name, stable across restarts [hostname].")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Events per batch [100].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Events per batch [500].")
 @click.option("--flush-interval", type=click.FloatRange(min=0.001), help="Seconds [1].")
 @click.option("--detach", is_flag=True, help="Run in the background (daemon).")
 @click.option("--pidfile", type=click.Path(path_type=Path), help="[.dispatch/bridge-<service>.pid]")

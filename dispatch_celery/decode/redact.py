@@ -204,7 +204,10 @@ class Redactor:
         if not self.custom:
             try:
                 record = build_record(event, max_body_bytes=max_body_bytes, check_depth=False)
-                new = self._metadata(record)
+                new = cast(dict[str, Any], record)  # built here: no copy needed
+                if self.metadata_only:
+                    new["input"] = None
+                    new["output"] = None
                 data = dumps_with_headroom(new)
             except TypeError:  # JSONEncodeError: a value too deep (or not serializable)
                 pass

@@ -13,10 +13,14 @@ Order of work, and why nothing is lost:
    XREADGROUP ``>``; every few seconds claim entries idle in dead consumers' PELs
    (XAUTOCLAIM, within the headroom), count entries the producer trimmed before we read
    them, and refresh the heartbeat.
-3. A batch is full at ``batch_size`` entries, or flushed ``flush_interval`` after its
-   first entry arrived. Flushing stores the blobs (staged, in flight, due), publishes one
-   small task per batch, and only once the broker accepted them XACKs the entries
-   (``BatchStore.confirm``). A publish that fails leaves them staged and pending.
+3. A batch is full at ``batch_size`` entries or ``batch_max_bytes`` raw bytes, or flushed
+   ``flush_linger`` after its first entry arrived once a read came back short (the bridge
+   caught up: quiet traffic waits no longer than the linger, like Kafka's ``linger.ms``),
+   else ``flush_interval`` after it (while reads come back full, batches fill up
+   instead). Flushing stores the blobs
+   (staged, in flight, due), publishes one small task per batch, and only once the
+   broker accepted them XACKs the entries (``BatchStore.confirm``). A publish that fails
+   leaves them staged and pending.
 Several streams (``DISPATCH_STREAM=a,b`` or a pattern, ``ingest.streamset``): one
 XREADGROUP over every key (COUNT applies per stream, so a busy shard cannot starve a quiet
 one), one group per service on each stream, a buffer per stream (a batch holds entries of
@@ -303,7 +307,7 @@ class Bridge:
         block_ms = 1000
         oldest = self.buffer.oldest()
         if oldest is not None:
-            left = self.settings.flush_interval - (time.monotonic() - oldest)
+            left = self.flush_wait() - (time.monotonic() - oldest)
             block_ms = max(1, min(block_ms, int(left * 1000)))
         keys = self.streams.keys
         if not keys:  # a pattern that matches no stream yet
@@ -427,9 +431,19 @@ class Bridge:
 
     # --- writing ---------------------------------------------------------------------------
 
+    def flush_wait(self) -> float:
+        """How long a partial batch waits for more entries: the linger once the bridge has
+        caught up (its last read came back short: more is not coming soon), else the flush
+        interval (entries keep coming, so batches fill up: fewer, fuller tasks)."""
+        s = self.settings
+        return s.flush_interval if self.behind else min(s.flush_linger, s.flush_interval)
+
     def flush(self, *, force: bool) -> None:
         s = self.settings
-        for stream, batches in self.buffer.take(s.batch_size, s.flush_interval, force=force):
+        taken = self.buffer.take(
+            s.batch_size, self.flush_wait(), force=force, max_bytes=s.batch_max_bytes
+        )
+        for stream, batches in taken:
             self.publish(stream, batches)
 
     def publish(self, stream: str, batches: Sequence[Sequence[Entry]]) -> None:

@@ -129,22 +129,47 @@ class StreamBuffers:
         return min(times) if times else None
 
     def take(
-        self, batch_size: int, flush_interval: float, *, force: bool
+        self, batch_size: int, flush_interval: float, *, force: bool, max_bytes: int | None = None
     ) -> list[tuple[str, list[list[Entry]]]]:
-        """The batches to publish now, per stream: full ones, and the rest of a stream
-        whose oldest entry waited ``flush_interval`` (everything when ``force``)."""
+        """The batches to publish now, per stream: full ones (``batch_size`` entries, or
+        ``max_bytes`` of raw entry bytes: an entry over it makes a batch of its own), and
+        the rest of a stream whose oldest entry waited ``flush_interval`` (everything when
+        ``force``)."""
         now = time.monotonic()
         out: list[tuple[str, list[list[Entry]]]] = []
         for stream, held in self.entries.items():
             if not held:
                 continue
             due = force or now - self.since[stream] >= flush_interval
-            n = len(held) if due else len(held) // batch_size * batch_size
+            if max_bytes is None:
+                n = len(held) if due else len(held) // batch_size * batch_size
+                batches = [held[i : i + batch_size] for i in range(0, n, batch_size)]
+            else:
+                batches, n = _split(held, batch_size, max_bytes, due)
             if n == 0:
                 continue
-            chunk, rest = held[:n], held[n:]
+            rest = held[n:]
             self.entries[stream] = rest
             if rest:
                 self.since[stream] = now
-            out.append((stream, [chunk[i : i + batch_size] for i in range(0, n, batch_size)]))
+            out.append((stream, batches))
         return out
+
+
+def _split(
+    held: list[Entry], batch_size: int, max_bytes: int, due: bool
+) -> tuple[list[list[Entry]], int]:
+    """``held`` cut into batches of at most ``batch_size`` entries and ``max_bytes``; the
+    last one only when it is full or ``due``. Returns the batches and how many entries."""
+    batches: list[list[Entry]] = []
+    start = size = 0
+    for i, e in enumerate(held):
+        n = len(e.data) if e.data is not None else len(e.other)
+        if i > start and (i - start >= batch_size or size + n > max_bytes):
+            batches.append(held[start:i])
+            start, size = i, 0
+        size += n
+    if due or len(held) - start >= batch_size or size >= max_bytes:
+        batches.append(held[start:])
+        start = len(held)
+    return batches, start

@@ -546,7 +546,10 @@ class RawVendor(RawHttpServer):
 class Producer:
     """llm-proxy in miniature: XADD one event at a time at ``rate`` per second (optionally
     ``MAXLEN ~ maxlen``), in a thread. A write Redis refused is not published (llm-proxy
-    logs it and moves on); ``ids`` are the ids Redis acknowledged, ``acked_at`` their times."""
+    logs it and moves on); ``ids`` are the ids Redis acknowledged, ``acked_at`` their times.
+    An XADD whose reply was lost (the connection dropped or timed out: a SHUTDOWN or kill -9
+    right after Redis applied it, or a reply slower than the socket timeout under load) has
+    an unknown outcome: ``published()`` looks such payloads up in the stream."""
 
     def __init__(
         self,
@@ -565,6 +568,7 @@ class Producer:
         self.ids: list[str] = []
         self.acked_at: dict[str, float] = {}
         self.errors = 0
+        self.unknown: set[bytes] = set()  # payloads of XADDs whose reply was lost
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -585,7 +589,12 @@ class Producer:
         pipe = self._client.pipeline(transaction=False)
         for d in datas:
             pipe.xadd(self.stream, {"data": d}, maxlen=self.maxlen, approximate=True)
-        got = pipe.execute()
+        try:
+            got = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError):
+            with self._lock:
+                self.unknown.update(datas)  # Redis may have applied them all the same
+            raise
         now = time.time()
         with self._lock:
             for raw in got:
@@ -618,8 +627,32 @@ class Producer:
         self._client.close()
 
     def published(self) -> list[str]:
+        """The ids Redis acknowledged, and those of XADDs whose reply was lost but which
+        Redis applied (found in the stream; while Redis is away they are left out)."""
         with self._lock:
-            return list(self.ids)
+            ids, unknown = list(self.ids), set(self.unknown)
+        if unknown:
+            ids += self._applied(unknown)
+        return ids
+
+    def _applied(self, payloads: set[bytes]) -> list[str]:
+        client = redis.Redis.from_url(self.url, socket_timeout=10, socket_connect_timeout=2)
+        found: list[str] = []
+        start = "-"
+        try:
+            while True:
+                page = cast(
+                    list[tuple[bytes, dict[bytes, bytes]]],
+                    client.xrange(self.stream, start, "+", count=1000),
+                )
+                found += [i.decode() for i, f in page if f.get(b"data") in payloads]
+                if len(page) < 1000:
+                    return found
+                start = "(" + page[-1][0].decode()
+        except redis.RedisError:
+            return found
+        finally:
+            client.close()
 
     def _run(self) -> None:
         interval = 1.0 / self.rate

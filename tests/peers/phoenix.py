@@ -9,7 +9,8 @@ Facts this relies on were measured in ``shared/spec/otlp.md``:
   and a small wrapper rewrites the gRPC listener's ``[::]`` to ``127.0.0.1``, because
   Phoenix binds gRPC on every interface whatever ``PHOENIX_HOST`` says;
 * SQLite in a temporary working directory, telemetry and external resources off;
-* start takes about 20 s (imports), so ``/healthz`` is awaited for up to 90 s.
+* start takes about 20 s (imports) on an idle machine, 85 s measured beside two other
+  xdist workers on two cores, so ``/healthz`` is awaited for up to 240 s.
 
 Without network on a laptop the install fails and the test skips; under ``CI=true`` it fails.
 """
@@ -36,7 +37,7 @@ import orjson
 
 PHOENIX_VERSION = "20.26.1"
 INSTALL_TIMEOUT_S = 900.0
-START_TIMEOUT_S = 90.0
+START_TIMEOUT_S = 240.0
 
 SERVE_LOOPBACK = '''\
 """phoenix serve, with the OTLP/gRPC listener kept on loopback (it ignores PHOENIX_HOST)."""
