@@ -187,9 +187,14 @@ def test_a_retry_waits_as_a_due_time_in_redis_not_in_the_broker(
         due = cast(list[tuple[bytes, float]], r.zrange(c.due_key("flaky"), 0, -1, withscores=True))
         assert len(due) == 1 and due[0][1] > time.time() + 1.5
         wait_for(lambda: len(jsonl(tmp_path / "flaky.jsonl")) == 5, what="delivered on retry")
+        # the file is written before the attempt's finish transaction runs: wait for it
+        wait_for(
+            lambda: r.zcard(c.due_key("flaky")) == 0 and r.hlen(c.inflight_key("flaky")) == 0,
+            timeout=10,
+            what="the batch finished and out of the due index",
+        )
     assert [x["attempt"] for x in calls(r)] == [1, 2]
     assert calls(r)[1]["t"] - calls(r)[0]["t"] >= 2.4  # Retry-After honoured
-    assert r.zcard(c.due_key("flaky")) == 0 and r.hlen(c.inflight_key("flaky")) == 0
 
 
 def test_a_retry_scheduled_before_the_bridge_confirmed_keeps_its_due_time(

@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from dispatch_celery import constants as c
@@ -16,6 +17,9 @@ from dispatch_celery import stats
 from dispatch_celery.ops.status import queue_depth
 from tests.conftest import need_server
 from tests.harness import bridge, event, jsonl, make, wait_for, worker, xadd_all
+
+# Shares the machine's RabbitMQ with the broker-outage scenario: the same xdist worker.
+pytestmark = pytest.mark.xdist_group("faults")
 
 AMQP_URL = os.environ.get("DISPATCH_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 STREAM = "llm-proxy-events"

@@ -35,7 +35,8 @@ from tests.faults.kit import (
     wait_resumed,
 )
 
-pytestmark = pytest.mark.faults
+# One xdist worker runs the fault scenarios one after another: they time real outages.
+pytestmark = [pytest.mark.faults, pytest.mark.xdist_group("faults")]
 
 RABBITMQ = ("127.0.0.1", 5672)
 SETTLE_S = 2.0  # a publish in flight when the connection dropped may still be decided

@@ -35,7 +35,8 @@ from tests.faults.kit import (
     wait_resumed,
 )
 
-pytestmark = pytest.mark.faults
+# One xdist worker runs the fault scenarios one after another: they time real outages.
+pytestmark = [pytest.mark.faults, pytest.mark.xdist_group("faults")]
 
 DISK = "512k"
 PARTIAL_GRACE_S = 1.0  # an append in progress may show part of a line for a moment

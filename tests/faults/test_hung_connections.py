@@ -30,7 +30,8 @@ from tests.faults.kit import (
     wait_resumed,
 )
 
-pytestmark = pytest.mark.faults
+# One xdist worker runs the fault scenarios one after another: they time real outages.
+pytestmark = [pytest.mark.faults, pytest.mark.xdist_group("faults")]
 
 TIME_LIMIT = 8  # DISPATCH_TASK_TIME_LIMIT of the test harness
 READ_TIMEOUT = 2.0

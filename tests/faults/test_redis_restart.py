@@ -33,7 +33,8 @@ from tests.faults.kit import (
 )
 from tests.harness import pipeline_env, xrange
 
-pytestmark = pytest.mark.faults
+# One xdist worker runs the fault scenarios one after another: they time real outages.
+pytestmark = [pytest.mark.faults, pytest.mark.xdist_group("faults")]
 
 BACKLOG = 6000  # events waiting when the pipeline starts: the fault lands mid-drain
 BATCH = 20

@@ -27,7 +27,8 @@ from tests.faults.kit import (
 )
 from tests.harness import xrange
 
-pytestmark = pytest.mark.faults
+# One xdist worker runs the fault scenarios one after another: they time real outages.
+pytestmark = [pytest.mark.faults, pytest.mark.xdist_group("faults")]
 
 
 def scenario(

@@ -28,7 +28,8 @@ from tests.faults.kit import (
     wait_resumed,
 )
 
-pytestmark = pytest.mark.faults
+# One xdist worker runs the fault scenarios one after another: they time real outages.
+pytestmark = [pytest.mark.faults, pytest.mark.xdist_group("faults")]
 
 BATCH = 20
 SLOTS = 2  # worker pool processes
