@@ -3,6 +3,7 @@
     python benchmarks/workercost.py                     # CPU us per event of an attempt
     python benchmarks/workercost.py --profile 25        # and cProfile's top 25 (tottime)
     python benchmarks/workercost.py --stages            # decode / record / redact / serialize
+    python benchmarks/workercost.py --env DISPATCH_BATCH_SIZE=100
 
 The batches are staged by the real bridge code (``Bridge`` with an enqueuer that only
 records the tasks), then every task runs ``Deliverer.run`` (begin, decode, filter, build,
@@ -41,7 +42,7 @@ class _Recorder:
         self.tasks.extend(batches)
 
 
-def attempts(n: int, top: int, work: Path) -> None:
+def attempts(n: int, top: int, work: Path, env: dict[str, str] | None = None) -> None:
     from dispatch_celery.delivery.attempt import Deliverer
     from dispatch_celery.ingest.bridge import Bridge
 
@@ -55,6 +56,7 @@ def attempts(n: int, top: int, work: Path) -> None:
                 "DISPATCH_FILE_PATH": str(work / "events.jsonl"),
                 "DISPATCH_HIGH_WATER_BATCHES": "100000000",
                 "DISPATCH_HIGH_WATER_BYTES": str(2**50),
+                **(env or {}),
             }
         )
         recorder = _Recorder()
@@ -65,7 +67,7 @@ def attempts(n: int, top: int, work: Path) -> None:
         deliverer = Deliverer(settings)
         first, *rest = recorder.tasks
         deliverer.run("file", first[0], first[2])  # warm up: backend, scripts, connections
-        profiler = cProfile.Profile(time.process_time) if top else None
+        profiler = cProfile.Profile() if top else None
         cpu0, wall0 = time.process_time(), time.perf_counter()
         if profiler is not None:
             profiler.enable()
@@ -136,13 +138,14 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile's top N")
     ap.add_argument("--stages", action="store_true")
+    ap.add_argument("--env", action="append", default=[], help="NAME=value setting")
     args = ap.parse_args()
     if args.stages:
         stages(args.events)
         return
     work = Path(tempfile.mkdtemp(prefix="dispatch-profile-"))
     try:
-        attempts(args.events, args.profile, work)
+        attempts(args.events, args.profile, work, dict(e.split("=", 1) for e in args.env))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -22,7 +22,9 @@ DEFAULT_BATCH_MAX_BYTES = 4 * 1024 * 1024  # ... and raw event bytes per batch, 
 DEFAULT_FLUSH_INTERVAL_S = 1.0  # a partial batch is flushed after this long
 # ... or this long after its first entry once the bridge has caught up (a read came back
 # short): quiet traffic is delivered within ~the linger, busy traffic still fills batches.
-DEFAULT_FLUSH_LINGER_S = 0.05
+# At most ~1/linger partial batches a second: 10 tasks/s at 1k events/s, as batches of
+# 100 filled in 1 s made before (benchmarks/latency.py: p99 ~150 ms at 20 and 1k/s).
+DEFAULT_FLUSH_LINGER_S = 0.1
 DEFAULT_READ_COUNT = 500  # entries per XREADGROUP call
 DEFAULT_VISIBILITY_TIMEOUT_S = 300  # broker redelivers an unacknowledged task after this
 DEFAULT_TASK_TIME_LIMIT_S = 120  # hard limit of one delivery attempt

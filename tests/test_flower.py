@@ -99,9 +99,28 @@ def flower(env: dict[str, str], log: Path) -> Iterator[str]:
             timeout=15,
             what="Flower's event receiver",
         )
+        _await_events(env, base)
         yield base
     finally:
         assert stop_proc(proc, timeout=15) == 0  # SIGTERM: a clean exit that saves the state
+
+
+def _await_events(env: dict[str, str], base: str) -> None:
+    """Until Flower shows a probe's heartbeat: "Connected to" is logged before its receiver
+    has subscribed, and events published in between (a fast worker's) are lost to it."""
+    from celery import Celery
+
+    probe = Celery(broker=env.get("DISPATCH_BROKER_URL") or env["DISPATCH_REDIS_URL"])
+    with probe.connection_for_write() as conn:
+        dispatcher = probe.events.Dispatcher(conn, hostname="flower-probe@tests")
+
+        def seen() -> bool:
+            dispatcher.send("worker-heartbeat", freq=2.0, active=0, processed=0)
+            status, body = get(f"{base}/workers?json=1", env.get("FLOWER_BASIC_AUTH"))
+            return status == 200 and b"flower-probe@tests" in body
+
+        wait_for(seen, timeout=15, what="Flower receiving events")
+        dispatcher.close()
 
 
 def api_tasks(base: str) -> dict[str, dict[str, Any]]:

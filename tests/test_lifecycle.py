@@ -310,9 +310,14 @@ def test_the_outage_gate_keeps_requests_low_during_a_vendor_outage(
             wait_for(lambda: r.hlen(c.inflight_key("helicone")) == 0, what="finished")
         first_wave = [t for t in failed_at if t - failed_at[0] < 0.5]
         probes = len(failed_at) - len(first_wave)
-        # the 4 attempts under way (10 runs each) and at most the gate's first probe
-        assert len(first_wave) <= 4 * 10 + 1, len(first_wave)
-        assert 2 <= probes <= 10, probes  # then about one request per gate period
+        # the 4 attempts under way (10 runs each) and at most the gate's first two probes
+        # (its periods start at the 0.1 s base delay: probes at ~0.1 s and ~0.3 s)
+        assert len(first_wave) <= 4 * 10 + 2, len(first_wave)
+        # then about one request per gate period (doubling to the 2 s cap: ~5 in the 6 s);
+        # bounded over the whole outage, as a loaded machine stretches the first wave
+        # past 0.5 s
+        assert probes >= 2, probes
+        assert len(failed_at) <= 4 * 10 + 2 + 10, (len(first_wave), probes)
         assert r.xlen(c.deadletter_key("helicone")) == 0
         assert stats.read(r, "helicone")["gated"] > 0  # batches waited instead of sending
         assert not r.exists(c.gate_key("helicone"))  # the successful probe opened it

@@ -139,14 +139,18 @@ def test_an_exhausted_budget_dead_letters_never_drops(
     )
     assert all(b"flaky: transient failure" in f[b"reason"] for _, f in letters)
     assert all(int(f[b"attempts"]) == len(calls) for _, f in letters)
-    # the last attempt lands at the budget's end: ~2 s after the first failure
-    assert 1.8 <= calls[-1]["t"] - calls[0]["t"] <= 3.5, calls
+    # the batch gives up at the budget's end, ~2 s after the first failure: by a last
+    # attempt, or parked (its budget clock runs) when that attempt met the outage gate shut
+    gave_up_at = min(float(f[b"ts"]) for _, f in letters)
+    assert 1.8 <= gave_up_at - calls[0]["t"] <= 3.5, (gave_up_at, calls)
     assert not (tmp_path / "flaky.jsonl").exists()
     assert r.zcard(c.due_key("flaky")) == 0 and not r.keys("dispatch:batch*")
 
-    # replay puts them back through delivery (the backend works again now)
+    # replay puts them back through delivery (the backend works again now; the outage gate
+    # the last attempts closed may still be shut for a moment: the replayed batch then
+    # waits in the due index, and a bridge publishes it at the gate's end, as in production)
     r.hset("test:flaky:flaky", "transient", 0)
-    with worker(app, "flaky"):
+    with bridge(settings, app, "flaky"), worker(app, "flaky"):
         result = CliRunner().invoke(
             main,
             ["dlq", "replay", "--service", "flaky"],

@@ -72,8 +72,11 @@ end
 
 # KEYS: 1 blob, 2 staged, 3 inflight, 4 bytes, 5 raw bytes, 6 done, 7 state, 8 lease, 9 due,
 #       10 tickets, 11 parked, 12 stats, 13 stream (or '')
-# ARGV: 1 batch id, 2 group (or ''), 3 xack-failed counter name, 4.. entry ids
-# Returns {was in flight (0/1), XACK error ('' when fine)}.
+# ARGV: 1 batch id, 2 group (or ''), 3 xack-failed counter name, 4 enqueued counter name,
+#       5.. entry ids
+# Returns {was in flight (0/1), XACK error ('' when fine)}. Entries this XACK acknowledges
+# were not yet counted as enqueued (the worker finished before the bridge confirmed the
+# task it had published): they are counted here, so every published entry counts once.
 _FINISH = (
     _LUA_SIZES
     + """
@@ -84,11 +87,13 @@ redis.call('ZREM', KEYS[9], ARGV[1])
 redis.call('ZREM', KEYS[11], ARGV[1])
 local was = release(KEYS[3], KEYS[4], KEYS[5], ARGV[1])
 local err = ''
-if KEYS[13] ~= '' and ARGV[2] ~= '' and #ARGV > 3 then
-  local ok, res = pcall(redis.call, 'XACK', KEYS[13], ARGV[2], unpack(ARGV, 4))
+if KEYS[13] ~= '' and ARGV[2] ~= '' and #ARGV > 4 then
+  local ok, res = pcall(redis.call, 'XACK', KEYS[13], ARGV[2], unpack(ARGV, 5))
   if not ok then
     redis.call('HINCRBY', KEYS[12], ARGV[3], 1)
     err = type(res) == 'table' and tostring(res.err) or tostring(res)
+  elseif res > 0 then
+    redis.call('HINCRBY', KEYS[12], ARGV[4], res)
   end
 end
 return {was, err}
@@ -514,6 +519,7 @@ class BatchStore:
             batch_id,
             batch.group,
             Counter.XACK_FAILED.value,
+            Counter.ENQUEUED.value,
             *(e.entry_id for e in batch.entries),
         ]
         self._finish(keys=keys, args=args, client=pipe)

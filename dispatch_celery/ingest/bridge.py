@@ -303,8 +303,11 @@ class Bridge:
 
     def read(self, headroom: int) -> None:
         """One XREADGROUP over every stream; COUNT is per stream (fair to a quiet one).
-        While behind, per stream without blocking, each read with its trim count."""
-        block_ms = 1000
+        While behind, per stream without blocking, each read with its trim count.
+        It blocks for at most a second, and no longer than the first retry delay: between
+        reads the due index is polled, and a retry (or a parked batch at the gate's end)
+        due in 0.1 s must not wait a whole block to be re-published."""
+        block_ms = max(1, int(1000 * min(1.0, self.settings.retry_base_delay)))
         oldest = self.buffer.oldest()
         if oldest is not None:
             left = self.flush_wait() - (time.monotonic() - oldest)
