@@ -47,7 +47,8 @@ LEVEL = 1
 MAX_RECORD_BYTES = 1 << 31
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen (made once per event; see ``decode.events.Event``), never modified in place.
+@dataclass(slots=True)
 class Entry:
     entry_id: str
     data: bytes | None  # the ``data`` field, None when absent

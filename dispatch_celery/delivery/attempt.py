@@ -33,6 +33,7 @@ from dispatch_celery.batches.state import BatchStore, Begun
 from dispatch_celery.decode.events import decode_entry
 from dispatch_celery.decode.filters import EventFilter
 from dispatch_celery.decode.redact import Redactor
+from dispatch_celery.delivery import gcpause
 from dispatch_celery.delivery.deadletters import DeadLetters, NewDeadLetter
 from dispatch_celery.delivery.ratelimit import RateLimiter, RateLimitWait
 from dispatch_celery.delivery.retry import Decision, RetryPolicy, gave_up_reason
@@ -209,6 +210,11 @@ class Deliverer:
     # --- one attempt -----------------------------------------------------------------------
 
     def run(self, service: str, batch_id: str, token: str | None = None) -> Attempt:
+        """One attempt at the batch (the garbage collector paused meanwhile: ``gcpause``)."""
+        with gcpause.paused():
+            return self._run(service, batch_id, token)
+
+    def _run(self, service: str, batch_id: str, token: str | None) -> Attempt:
         rt = self.runtime(service)
         begun = rt.store.begin(batch_id, token, self.policy.lease, self.policy.probe_interval)
         result = Attempt(service, batch_id, begun.status, begun.state.total)
