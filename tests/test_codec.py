@@ -10,7 +10,14 @@ import pytest
 import redis
 
 from dispatch_celery import constants as c
-from dispatch_celery.batches.codec import Entry, decode, encode, encode_record, raw_size
+from dispatch_celery.batches.codec import (
+    Entry,
+    decode,
+    encode,
+    encode_record,
+    entry_from_fields,
+    raw_size,
+)
 from dispatch_celery.cli.sample import sample_events
 from tests.harness import bridge, event, jsonl, make, wait_for, worker
 
@@ -92,3 +99,17 @@ def test_an_uncompressed_blob_in_flight_across_the_upgrade_is_delivered(
         wait_for(lambda: r.hlen(c.inflight_key("file")) == 0, what="accounting released")
     assert int(r.get(c.inflight_bytes_key("file")) or 0) == 0
     assert not r.exists(c.batch_key("file", "old-batch"))
+
+
+def test_entries_from_redis_field_lists_and_from_dicts_agree() -> None:
+    """The bridge reads fields as Redis sends them; every shape gives the same entry."""
+    assert entry_from_fields(b"1-0", [b"data", b"x"]) == Entry("1-0", b"x")
+    assert entry_from_fields(b"1-0", {b"data": b"x"}) == Entry("1-0", b"x")
+    # more fields than data: data still wins; a repeated name keeps its last value
+    assert entry_from_fields(b"1-0", [b"a", b"1", b"data", b"y"]).data == b"y"
+    assert entry_from_fields("1-0", [b"data", b"x", b"data", b"z"]).data == b"z"
+    # no data field: the other fields kept as JSON for the dead letter, either shape
+    listed = entry_from_fields(b"1-1", [b"a", b"1", b"b", b"\xff"])
+    mapped = entry_from_fields(b"1-1", {b"a": b"1", b"b": b"\xff"})
+    assert listed == mapped and listed.data is None
+    assert listed.other == b'{"a":"1","b":"\\\\xff"}'

@@ -13,7 +13,7 @@ import redis
 
 from dispatch_celery import constants as c
 from dispatch_celery import stats
-from dispatch_celery.batches.codec import Entry
+from dispatch_celery.batches.codec import Entry, entry_from_fields
 from dispatch_celery.errors import ConfigError
 from dispatch_celery.ingest.streamset import StreamBuffers, StreamSet, parse, resolve
 from dispatch_celery.ops.status import format_status, service_status
@@ -198,8 +198,38 @@ def test_trimmed_gaps_are_counted_exactly_on_both_behaviours(
     assert admin.check_trimmed() == 0 and other.check_trimmed() == 0  # caught up
     xadd_all(r, "s", [b"x"] * 100, maxlen=20)  # a second gap: 80 more
     got = admin.read_counted("c1", 1000)  # counted and read past in one call
-    assert len(got) == 20 and got[0][1] == {b"data": b"x"}
+    assert len(got) == 20 and entry_from_fields(*got[0]).data == b"x"
     assert admin.check_trimmed() == 0 and other.check_trimmed() == 0
     assert stats.read(r, "file")["trimmed_unread"] == 165
     assert r.hgetall(c.trimmed_streams_key("file")) == {b"s": b"165"}
+    r.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_the_raw_reader_returns_redis_field_lists_and_leaves_its_client_alone(
+    redis_url: str, protocol: int
+) -> None:
+    """The bridge's reader skips redis-py's per-entry dicts (RESP2 and RESP3 replies);
+    the client it shares connections with keeps its parsed replies."""
+    from dispatch_celery.ingest.streams import per_stream, raw_stream_client
+
+    r = redis.Redis.from_url(redis_url, protocol=protocol)
+    r.flushall()
+    r.xadd("s", {"data": b"x"})
+    r.xadd("s", {"a": b"1", "b": b"2"})
+    r.xgroup_create("s", "g", id="0")
+    reader = raw_stream_client(r)
+    [(key, entries)] = per_stream(reader.xreadgroup("g", "c1", {"s": ">"}, count=10))
+    assert key == b"s"
+    assert [fields for _, fields in entries] == [[b"data", b"x"], [b"a", b"1", b"b", b"2"]]
+    assert [entry_from_fields(*e).data for e in entries] == [b"x", None]
+    parsed = r.xreadgroup("g", "c1", {"s": "0"}, count=10)  # the client itself: dicts
+    assert r.response_callbacks["XREADGROUP"] is not reader.response_callbacks["XREADGROUP"]
+    if protocol == 2:
+        assert parsed[0][1][0][1] == {b"data": b"x"}
+    first = entries[0][0]
+    r.xdel("s", first)  # a pending entry trimmed: Redis answers it without fields
+    [(_, again)] = per_stream(reader.xreadgroup("g", "c1", {"s": "0"}, count=10))
+    assert again[0][1] is None and again[1][1] == [b"a", b"1", b"b", b"2"]
+    assert per_stream(reader.xreadgroup("g", "c1", {"s": ">"}, count=10)) == []
     r.close()

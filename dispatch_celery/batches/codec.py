@@ -20,6 +20,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import orjson
 import zstandard
@@ -156,15 +157,23 @@ def _decode_record(blob: bytes) -> Batch:
     return Batch(stream, group, entries)
 
 
-def entry_from_fields(entry_id: bytes | str, fields: dict[bytes, bytes] | None) -> Entry:
+def entry_from_fields(
+    entry_id: bytes | str, fields: list[bytes] | dict[bytes, bytes] | None
+) -> Entry:
+    """The entry of a stream reply: ``fields`` as Redis sends them (``[name, value, ...]``)
+    or as a dict. A repeated field name keeps its last value, as a dict would."""
     eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    fields = fields or {}
-    data = fields.get(c.DATA_FIELD)
+    if type(fields) is list:
+        if len(fields) == 2 and fields[0] == c.DATA_FIELD:  # what llm-proxy writes
+            return Entry(eid, fields[1])
+        fields = dict(zip(fields[::2], fields[1::2], strict=False))
+    found = cast(dict[bytes, bytes], fields or {})
+    data = found.get(c.DATA_FIELD)
     if data is not None:
         return Entry(eid, data)
     other = {
         k.decode("utf-8", "backslashreplace"): v.decode("utf-8", "backslashreplace")
-        for k, v in fields.items()
+        for k, v in found.items()
     }
     return Entry(eid, None, orjson.dumps(other))
 

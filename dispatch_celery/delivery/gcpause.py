@@ -20,32 +20,41 @@ from __future__ import annotations
 import gc
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 _COLLECT_EVERY = 64
-_lock = threading.Lock()
-_depth = 0
-_resume = False
-_ended = 0
 
 
-@contextmanager
-def paused() -> Iterator[None]:
+class _Pause:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0  # attempts running now
+        self.resume = False  # whether the collector was enabled when the first one began
+        self.ended = 0
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        with self.lock:
+            if self.depth == 0:
+                self.resume = gc.isenabled()
+                gc.disable()
+            self.depth += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.depth -= 1
+                self.ended += 1
+                if self.depth == 0:
+                    if self.resume:
+                        gc.enable()
+                elif self.resume and self.ended % _COLLECT_EVERY == 0:
+                    gc.collect(0)
+
+
+_pause = _Pause()
+
+
+def paused() -> AbstractContextManager[None]:
     """The collector disabled for the duration (re-entrant, thread-safe)."""
-    global _depth, _resume, _ended
-    with _lock:
-        if _depth == 0:
-            _resume = gc.isenabled()
-            gc.disable()
-        _depth += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _depth -= 1
-            _ended += 1
-            if _depth == 0:
-                if _resume:
-                    gc.enable()
-            elif _resume and _ended % _COLLECT_EVERY == 0:
-                gc.collect(0)
+    return _pause.paused()

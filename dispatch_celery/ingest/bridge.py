@@ -54,7 +54,7 @@ from dispatch_celery.batches.codec import Entry, batch_id_for, encode, entry_fro
 from dispatch_celery.batches.state import BatchStore
 from dispatch_celery.errors import StreamError
 from dispatch_celery.ingest.enqueue import Enqueuer
-from dispatch_celery.ingest.streams import StreamAdmin
+from dispatch_celery.ingest.streams import Reply, StreamAdmin, per_stream, raw_stream_client
 from dispatch_celery.ingest.streamset import StreamBuffers, StreamSet, describe
 from dispatch_celery.settings import Settings
 from dispatch_celery.stats import Counter
@@ -69,7 +69,6 @@ REMIND_EVERY_S = 60.0  # while waiting for Redis or the broker, say so again thi
 DUE_PER_STEP = 500  # due batches published per loop step, at most
 REPUBLISH_SOON_S = 1.0  # a due batch whose publish failed is due again after this
 
-_Reply = list[tuple[bytes, dict[bytes, bytes] | None]]
 
 try:  # kombu >= 5.7 (the stubs do not know it yet)
     from kombu.exceptions import BatchPublishError  # type: ignore[attr-defined]
@@ -119,6 +118,7 @@ class Bridge:
         self.group = group or c.default_group(service)
         self.consumer = consumer or default_consumer()
         self.r = client or bridge_redis(settings.redis_url)
+        self.reader = raw_stream_client(self.r)  # entries' fields as lists, not dicts
         self.enqueuer = enqueuer
         self.store = BatchStore(self.r, service)
         self.streams = StreamSet(self.r, settings.stream, settings.stream_rescan)
@@ -325,17 +325,14 @@ class Bridge:
                 self.take(stream, entries)
                 self.behind = self.behind or len(entries) >= count
             return
-        reply = cast(
-            list[tuple[bytes, _Reply]] | None,
-            self.r.xreadgroup(
-                self.group, self.consumer, dict.fromkeys(keys, ">"), count=count, block=block_ms
-            ),
+        reply = self.reader.xreadgroup(
+            self.group, self.consumer, dict.fromkeys(keys, ">"), count=count, block=block_ms
         )
-        for key, entries in reply or []:
+        for key, entries in per_stream(reply):
             self.take(key.decode(), entries)
             self.behind = self.behind or len(entries) >= count
 
-    def take(self, stream: str, entries: _Reply) -> None:
+    def take(self, stream: str, entries: Reply) -> None:
         if not entries:
             return
         gone: list[str] = []
@@ -368,13 +365,12 @@ class Bridge:
         last = "0-0"
         n = 0
         while True:
-            reply = cast(
-                list[tuple[bytes, _Reply]] | None,
-                self.r.xreadgroup(
+            found = per_stream(
+                self.reader.xreadgroup(
                     self.group, self.consumer, {stream: last}, count=self.settings.read_count
-                ),
+                )
             )
-            entries = reply[0][1] if reply else []
+            entries = found[0][1] if found else []
             if not entries:
                 break
             self.take(stream, entries)
@@ -408,11 +404,11 @@ class Bridge:
             count = min(self.settings.read_count, allowed - claimed)
             if count <= 0:
                 break
-            reply: list[Any] = self.r.xautoclaim(
+            reply: list[Any] = self.reader.xautoclaim(
                 stream, self.group, self.consumer, idle_ms, start_id=start, count=count
             )
             start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-            entries = cast(_Reply, reply[1])
+            entries = cast(Reply, reply[1])
             deleted = [d.decode() for d in reply[2]] if len(reply) > 2 else []
             if entries:
                 self.take(stream, entries)

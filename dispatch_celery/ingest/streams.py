@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import redis
 
@@ -103,7 +103,36 @@ return {n, detail}
 # turning 500 entries into Lua values and back cost Redis ~8 us of CPU per event, measured
 # with benchmarks/cost.py, 3.5x the read itself.)
 
-Reply = list[tuple[bytes, dict[bytes, bytes] | None]]
+# An entry's fields: as Redis sends them, ``[name, value, ...]`` (see ``raw_stream_client``),
+# or as redis-py parses them by default (a dict); None for a pending entry the producer
+# trimmed (Redis answers it with no fields).
+Fields = list[bytes] | dict[bytes, bytes] | None
+Reply = list[tuple[bytes, Fields]]
+
+
+def _raw(response: Any, **options: Any) -> Any:
+    return response
+
+
+def raw_stream_client(client: redis.Redis) -> redis.Redis:
+    """A client on ``client``'s connections whose XREADGROUP and XAUTOCLAIM replies are
+    Redis's own nested lists: redis-py turns every entry's fields into a dict in Python,
+    which cost the bridge ~15 % of its CPU (py-spy, ``benchmarks/drain.py --only bridge``)
+    to build a dict it reads one key of. ``codec.entry_from_fields`` takes the list.
+    Callbacks are per client instance: ``client`` itself is left as it was."""
+    reader = redis.Redis(connection_pool=client.connection_pool)
+    for command in ("XREADGROUP", "XAUTOCLAIM"):
+        reader.set_response_callback(command, _raw)
+    return reader
+
+
+def per_stream(reply: Any) -> list[tuple[bytes, Reply]]:
+    """XREADGROUP's reply as [(stream key, entries)]: a map over RESP3, pairs over RESP2."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return list(reply.items())
+    return [(key, entries) for key, entries in reply]
 
 
 @dataclass
@@ -117,6 +146,7 @@ class StreamInfo:
 class StreamAdmin:
     def __init__(self, client: redis.Redis, stream: str, group: str, service: str) -> None:
         self.r = client
+        self.reader = raw_stream_client(client)
         self.stream = stream
         self.group = group
         self.service = service
@@ -164,12 +194,13 @@ class StreamAdmin:
         """XREADGROUP ``>`` (no blocking) right after counting a trimmed gap, atomically:
         how a bridge reads while it is behind (see ``_COUNT``)."""
         keys, args = self._keys_args()
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self.reader.pipeline(transaction=True)
         self._check(keys=keys, args=args, client=pipe)
         pipe.xreadgroup(self.group, consumer, {self.stream: ">"}, count=count)
         (code, detail), reply = pipe.execute()
         self._report(int(code), detail)
-        return cast(Reply, reply[0][1]) if reply else []
+        found = per_stream(reply)
+        return found[0][1] if found else []
 
     def _report(self, n: int, detail: object) -> int:
         where = detail.decode() if isinstance(detail, bytes) else str(detail)
