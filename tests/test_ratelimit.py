@@ -193,3 +193,35 @@ def test_concurrent_sends_respect_the_shared_rate(r: redis.Redis) -> None:
         assert report.deferred == {}
         assert len(server.logs) == 9
     assert elapsed >= 8 / 40 * 0.9  # 9 requests: the first free, then 25 ms apart
+
+
+def _evalsha_calls(r: redis.Redis) -> int:
+    stats: dict[str, Any] = r.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_a_pause_only_limiter_asks_redis_rarely_and_still_sees_a_pause_soon(
+    r: redis.Redis, redis_url: str
+) -> None:
+    """No rate configured: a request per run costs no round trip each, a 429 another worker
+    met holds this one back within PAUSE_RECHECK_S, and the worker that met it at once."""
+    from dispatch_celery.delivery.ratelimit import PAUSE_RECHECK_S
+
+    mine = RateLimiter(r, "svc", None)
+    before = _evalsha_calls(r)
+    for _ in range(200):
+        mine.acquire()
+    assert _evalsha_calls(r) - before <= 3  # one check per PAUSE_RECHECK_S, not 200
+    other = redis.Redis.from_url(redis_url)
+    theirs = RateLimiter(other, "svc", None)
+    theirs.slow_down(0.5)  # another worker met a 429
+    time.sleep(PAUSE_RECHECK_S * 1.5)
+    started = time.monotonic()
+    mine.acquire()
+    assert time.monotonic() - started >= 0.3  # waited out the shared pause
+    theirs.acquire()  # past the pause now: admitted
+    theirs.slow_down(0.3)  # the worker that met it is held back at once, cache or not
+    started = time.monotonic()
+    theirs.acquire()
+    assert time.monotonic() - started >= 0.2
+    other.close()

@@ -7,6 +7,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -223,7 +224,7 @@ def test_the_raw_reader_returns_redis_field_lists_and_leaves_its_client_alone(
     assert key == b"s"
     assert [fields for _, fields in entries] == [[b"data", b"x"], [b"a", b"1", b"b", b"2"]]
     assert [entry_from_fields(*e).data for e in entries] == [b"x", None]
-    parsed = r.xreadgroup("g", "c1", {"s": "0"}, count=10)  # the client itself: dicts
+    parsed: Any = r.xreadgroup("g", "c1", {"s": "0"}, count=10)  # the client itself: dicts
     assert r.response_callbacks["XREADGROUP"] is not reader.response_callbacks["XREADGROUP"]
     if protocol == 2:
         assert parsed[0][1][0][1] == {b"data": b"x"}

@@ -11,7 +11,11 @@ seconds at most ``burst + T * rate`` requests are admitted.
 A vendor's 429 slows every sender: ``slow_down(seconds)`` sets a pause key that the same
 script checks first, so every worker's ``acquire`` waits until it expires. That part works
 without a configured rate too: ``from_settings`` always returns a limiter, a pause-only one
-when no rate is set.
+when no rate is set. A pause-only limiter that found no pause admits without asking Redis
+again for ``PAUSE_RECHECK_S``: a request per run then costs no Redis round trip (it was a
+quarter of a Helicone worker's CPU, measured with ``benchmarks/cost.py`` and py-spy), and
+a 429 met by another worker holds this one back within 50 ms (the worker that met it is
+held back at once).
 
 Why not the ``limits`` package: its Redis strategies (fixed/moving/sliding window) answer
 "allowed now?" but neither how long to wait under even spacing nor a shared pause; a
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 # A blocked acquire() gives up after this share of the task's time limit and lets the core
 # retry the rest later, so waiting never runs into the hard time limit.
 MAX_WAIT_SHARE = 0.25
+# A pause-only limiter re-reads the shared 429 pause at most this often.
+PAUSE_RECHECK_S = 0.05
 _PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATE_RE = re.compile(
     r"^\s*(?P<count>\d+(?:\.\d+)?)\s*/\s*(?P<n>\d+(?:\.\d+)?)?\s*"
@@ -136,6 +142,7 @@ class RateLimiter:
         self._keys = [c.ratelimit_key(service), c.ratelimit_pause_key(service)]
         self._acquire = client.register_script(_ACQUIRE)
         self._slow_down = client.register_script(_SLOW_DOWN)
+        self._clear_until = 0.0  # pause-only: no pause was set when last checked, until then
 
     @classmethod
     def from_settings(cls, client: redis.Redis, service: str, settings: Settings) -> RateLimiter:
@@ -178,9 +185,14 @@ class RateLimiter:
         """Block until ``cost`` requests are admitted (see the class docstring)."""
         limit = self.max_wait if max_wait is None else max_wait
         waited = 0.0
+        pause_only = self.rate is None
+        if pause_only and time.monotonic() < self._clear_until:
+            return
         while True:
             wait = self.try_acquire(cost)
             if wait <= 0:
+                if pause_only:
+                    self._clear_until = time.monotonic() + PAUSE_RECHECK_S
                 return
             if limit is not None and waited + wait > limit:
                 raise RateLimitWait(
@@ -196,6 +208,7 @@ class RateLimiter:
         ms = math.ceil(seconds * 1000)
         if ms <= 0:
             return
+        self._clear_until = 0.0  # this worker's next acquire sees the pause
         try:
             self._slow_down(keys=self._keys[1:], args=[ms])
         except redis.RedisError:
