@@ -76,10 +76,10 @@ from urllib.parse import unquote, urlparse
 
 import orjson
 import requests
-import requests.auth
 import urllib3
 import urllib3.connection
 import urllib3.connectionpool
+import urllib3.util
 from requests.adapters import HTTPAdapter
 
 from dispatch_celery.backend import DeliveryContext, DeliveryReport, Run
@@ -536,20 +536,50 @@ class _WatchedAdapter(HTTPAdapter):
         return manager
 
 
-class _NoNetrc(requests.auth.AuthBase):
-    """Given as ``auth``, so requests never swaps in ~/.netrc credentials; ``Auth`` sets the
-    headers (requests still honours HTTPS_PROXY and friends)."""
+@dataclass(frozen=True)
+class _Route:
+    """Where one client's requests go: the pool (direct, or through the proxy the
+    environment names) and the URL to ask it for."""
 
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        return request
+    session: requests.Session  # owns the adapter and its pools
+    pool: urllib3.connectionpool.HTTPConnectionPool
+    url: str
+
+
+def _route(endpoint: str, pool_size: int) -> _Route:
+    """Resolve once what ``requests`` works out again for every request: ``HTTPS_PROXY`` /
+    ``HTTP_PROXY`` / ``NO_PROXY``, ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` (else
+    certifi's bundle), and the pool of the adapter that speaks to that proxy or host. The
+    per-request path then skips ``Session.request`` (environment lookups, request
+    preparation, hooks, cookies, the ``Response`` object): it took over half of a Helicone
+    worker's CPU (py-spy, ``benchmarks/cost.py``), a request per run. ``~/.netrc`` is never
+    read: ``Auth`` sets our credentials."""
+    session = requests.Session()
+    # No retries in urllib3: the core owns retry policy, and a retry here would re-send a
+    # run the vendor may already have stored without us knowing.
+    adapter = _WatchedAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    env = session.merge_environment_settings(endpoint, {}, None, None, None)
+    prepared = requests.Request("POST", endpoint).prepare()
+    pool: Any = adapter.get_connection_with_tls_context(
+        prepared, env["verify"], proxies=env["proxies"], cert=env["cert"]
+    )
+    untyped: Any = adapter  # cert_verify has no annotations in types-requests
+    untyped.cert_verify(pool, endpoint, env["verify"], env["cert"])
+    return _Route(session, pool, adapter.request_url(prepared, env["proxies"]))
+
+
+# What requests sent by default besides our own headers (answers may come compressed).
+_ACCEPT_ENCODING = urllib3.util.make_headers(accept_encoding=True)["accept-encoding"]
 
 
 class HttpClient:
-    """A keep-alive ``requests.Session`` whose pool keeps ``pool_size`` connections.
+    """Keep-alive connections to one endpoint, at most ``pool_size`` kept per process.
 
     Thread-safe for concurrent ``post`` calls (urllib3's pool is). Rebuilt after a fork, so
     a prefork child never shares its parent's sockets. ``post`` never raises: this is the
-    one place where ``requests``/``urllib3`` exceptions are caught.
+    one place where ``urllib3`` exceptions are caught.
     """
 
     def __init__(
@@ -560,23 +590,20 @@ class HttpClient:
         self.pool_size = pool_size
         self._pid = -1
         self._lock = threading.Lock()
-        self._session: requests.Session | None = None
-        self._headers = {"Accept": accept, "User-Agent": USER_AGENT}
+        self._route: _Route | None = None
+        self._headers = {
+            "Accept": accept,
+            "Accept-Encoding": _ACCEPT_ENCODING,
+            "User-Agent": USER_AGENT,
+        }
 
     @property
-    def session(self) -> requests.Session:
+    def route(self) -> _Route:
         with self._lock:  # the first deliver() calls this from many threads at once
-            if self._session is None or self._pid != os.getpid():
-                session = requests.Session()
-                # No retries in urllib3: the core owns retry policy, and a retry here would
-                # re-send a run the vendor may already have stored without us knowing.
-                adapter = _WatchedAdapter(
-                    pool_connections=1, pool_maxsize=self.pool_size, max_retries=0
-                )
-                session.mount("http://", adapter)
-                session.mount("https://", adapter)
-                self._session, self._pid = session, os.getpid()
-            return self._session
+            if self._route is None or self._pid != os.getpid():
+                self._route = _route(self.options.endpoint, self.pool_size)
+                self._pid = os.getpid()
+            return self._route
 
     def post(self, request: Request, until: float) -> Reply:
         """POST the request; every byte of the answer arrives before ``until`` (monotonic)."""
@@ -590,22 +617,30 @@ class HttpClient:
             **self.auth.headers_for(request),
             **request.headers,
         }
-        timeout = (min(opts.connect_timeout, remaining), min(opts.read_timeout, remaining))
+        timeout = urllib3.Timeout(
+            connect=min(opts.connect_timeout, remaining), read=min(opts.read_timeout, remaining)
+        )
+        route = self.route
         error = ""
         with _watchdog.watching(until) as watch:
             try:
-                response = self.session.post(
-                    opts.endpoint,
-                    data=request.body,
+                response = route.pool.urlopen(
+                    "POST",
+                    route.url,
+                    body=request.body,
                     headers=headers,
-                    auth=_NoNetrc(),
+                    redirect=False,  # a redirect would turn the POST into a GET
+                    assert_same_host=False,
+                    retries=False,
                     timeout=timeout,
-                    allow_redirects=False,  # a redirect would turn the POST into a GET
+                    preload_content=True,  # read fully: the connection goes back to the pool
+                    decode_content=True,
                 )
-                content = response.content  # read fully so the connection returns to the pool
-            except requests.Timeout as exc:
+            except urllib3.exceptions.NewConnectionError as exc:  # a ConnectTimeoutError too
+                error = f"connection to {opts.safe_endpoint} failed: {exc!r}"
+            except urllib3.exceptions.TimeoutError as exc:
                 error = f"timeout talking to {opts.safe_endpoint} ({exc})"
-            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
                 error = f"connection to {opts.safe_endpoint} failed: {exc!r}"
         if watch.fired:
             # Cut off mid-answer: what was parsed (a status line, part of the headers, an
@@ -616,18 +651,19 @@ class HttpClient:
             )
         if error:
             return Reply(0, error=self.auth.scrub(error))
+        answer = response.headers
         return Reply(
-            response.status_code,
-            content,
-            retry_after=_capped(parse_retry_after(response.headers.get("Retry-After")), opts),
-            location=response.headers.get("Location", ""),
-            content_type=media_type(response.headers.get("Content-Type")),
+            response.status,
+            response.data,
+            retry_after=_capped(parse_retry_after(answer.get("Retry-After")), opts),
+            location=answer.get("Location", ""),
+            content_type=media_type(answer.get("Content-Type")),
         )
 
     def close(self) -> None:
-        if self._session is not None and self._pid == os.getpid():
-            self._session.close()
-        self._session = None
+        if self._route is not None and self._pid == os.getpid():
+            self._route.session.close()
+        self._route = None
 
 
 def media_type(value: str | None) -> str:
