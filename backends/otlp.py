@@ -333,8 +333,13 @@ class OtlpBackend(HttpBackend):
             try:
                 data, parsed = build_span(run.record)
                 data.attributes.update(self.extra_attributes(run.record, parsed))
-                span = wire.to_proto(data)
-                size = wire.span_size(span, protocol)
+                message = wire.to_proto(data)
+                span: Any = message
+                if protocol == wire.PROTOBUF:  # serialized once, framed by request_bytes
+                    span = message.SerializeToString()
+                    size = len(span) + wire.SPAN_FRAMING
+                else:
+                    size = wire.span_size(message, protocol)
             except (TypeError, ValueError, KeyError, OverflowError) as exc:
                 yield Rejected(run.id, f"{self.options.service}: cannot build the span: {exc}")
                 continue
@@ -346,7 +351,10 @@ class OtlpBackend(HttpBackend):
             headers["Content-Encoding"] = "gzip"
         content_type = wire.CONTENT_TYPES[protocol]
         for chunk in wire.pack(sizes, self._overhead, self.config.max_request_bytes):
-            body = wire.encode(self.envelope.request([spans[i] for i in chunk]), protocol)
+            if protocol == wire.PROTOBUF:
+                body = self.envelope.request_bytes([spans[i] for i in chunk])
+            else:
+                body = wire.encode(self.envelope.request([spans[i] for i in chunk]), protocol)
             if self.config.gzip:
                 body = wire.compress(body)
             yield Request(tuple(ids[i] for i in chunk), body, content_type, headers)

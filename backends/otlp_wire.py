@@ -36,7 +36,7 @@ JSON = "http/json"
 PROTOCOLS = (PROTOBUF, JSON)
 CONTENT_TYPES = {PROTOBUF: "application/x-protobuf", JSON: "application/json"}
 # Room for the request's envelope (resource, scope) and each span's field header.
-_SPAN_FRAMING = 6
+SPAN_FRAMING = 6
 
 
 # Messages are filled in place (``attributes.add()``, field assignment) rather than built
@@ -103,6 +103,25 @@ def to_proto(span: SpanData) -> Span:
     return out
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(message: Any, name: str, payload: bytes) -> bytes:
+    """One length-delimited field of ``message`` (its number from the reference protos)."""
+    number = message.DESCRIPTOR.fields_by_name[name].number
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+# The tag of ScopeSpans.spans, before each serialized span.
+_SPAN_TAG = _varint(ScopeSpans.DESCRIPTOR.fields_by_name["spans"].number << 3 | 2)
+
+
 @dataclass(frozen=True)
 class Envelope:
     """What every request of a backend shares: resource and instrumentation scope."""
@@ -112,21 +131,35 @@ class Envelope:
     scope_version: str
 
     def request(self, spans: Sequence[Span]) -> ExportTraceServiceRequest:
+        scope_spans = ScopeSpans(
+            scope=InstrumentationScope(name=self.scope_name, version=self.scope_version)
+        )
+        scope_spans.spans.extend(spans)
         return ExportTraceServiceRequest(
             resource_spans=[
                 ResourceSpans(
                     resource=Resource(attributes=key_values(self.resource)),
-                    scope_spans=[
-                        ScopeSpans(
-                            scope=InstrumentationScope(
-                                name=self.scope_name, version=self.scope_version
-                            ),
-                            spans=list(spans),
-                        )
-                    ],
+                    scope_spans=[scope_spans],
                 )
             ]
         )
+
+    def request_bytes(self, spans: Sequence[bytes]) -> bytes:
+        """The protobuf body of ``request`` from spans serialized once each
+        (``SerializeToString``), without building and copying the messages again: a
+        message's encoding is its fields' encodings one after another, so the request is
+        the envelope's fields around the spans' bytes (field numbers from the reference
+        protos; tests parse the result with them). The same bytes ``request`` serializes to.
+        """
+        scope = InstrumentationScope(name=self.scope_name, version=self.scope_version)
+        inner = _field(ScopeSpans, "scope", scope.SerializeToString()) + b"".join(
+            _SPAN_TAG + _varint(len(span)) + span for span in spans
+        )
+        resource = Resource(attributes=key_values(self.resource)).SerializeToString()
+        outer = _field(ResourceSpans, "resource", resource) + _field(
+            ResourceSpans, "scope_spans", inner
+        )
+        return _field(ExportTraceServiceRequest, "resource_spans", outer)
 
 
 def _hex_ids(node: Any) -> Any:
@@ -161,7 +194,7 @@ def span_size(span: Span, protocol: str) -> int:
     """The span's share of an encoded request, close enough for a byte cap."""
     if protocol == JSON:
         return len(orjson.dumps(json_format.MessageToDict(span))) + 1  # the comma
-    return span.ByteSize() + _SPAN_FRAMING
+    return span.ByteSize() + SPAN_FRAMING
 
 
 def pack(sizes: Sequence[int], overhead: int, limit: int) -> list[list[int]]:

@@ -22,6 +22,7 @@ from dispatch_celery.backend import Run
 from dispatch_celery.backends.genai import span_id_for, trace_id_for, unix_ns
 from dispatch_celery.backends.otlp import OtlpBackend, read_partial
 from dispatch_celery.backends.otlp_wire import PartialSuccess
+from dispatch_celery.decode.events import decode_entry
 from dispatch_celery.decode.redact import Redactor
 from dispatch_celery.errors import ConfigError, CredentialsError, TransientDeliveryError
 from dispatch_celery.registry import create_backend
@@ -554,3 +555,30 @@ def test_the_three_backends_are_listed_and_a_worker_refuses_to_start_unconfigure
     assert "DISPATCH_OTLP_ENDPOINT is required" in (tmp_path / "otlp.log").read_text()
     assert "DISPATCH_LANGFUSE_PUBLIC_KEY" in (tmp_path / "langfuse.log").read_text()
     assert "DISPATCH_WEBHOOK_URL is required" in (tmp_path / "webhook.log").read_text()
+
+
+def test_request_bytes_are_what_the_reference_protos_serialize() -> None:
+    """The protobuf body framed from spans serialized once is byte for byte the request
+    opentelemetry-proto builds, and parses back to it."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from dispatch_celery.backends import otlp_wire as wire
+    from dispatch_celery.backends.genai import build_span
+
+    envelope = wire.Envelope({"service.name": "dispatch", "x.list": [1, "a", []]}, "s", "1.0")
+    redactor = Redactor()
+    spans = []
+    for i in range(3):
+        decoded = decode_entry(
+            "llm-proxy-events", f"1736937000123-{i}", event(i, content="é" * 200)
+        )
+        spans.append(
+            wire.to_proto(build_span(redactor.record_of(decoded, max_body_bytes=2**20)[0])[0])
+        )
+    for chosen in ([], spans[:1], spans):
+        reference = envelope.request(chosen)
+        framed = envelope.request_bytes([s.SerializeToString() for s in chosen])
+        assert framed == reference.SerializeToString()
+        assert ExportTraceServiceRequest.FromString(framed) == reference
