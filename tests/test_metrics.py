@@ -12,6 +12,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from dispatch_celery import constants as c
+from dispatch_celery import stats
 from dispatch_celery.ops.metrics import build_registry, serve
 from dispatch_celery.settings import Settings, load_settings
 from tests.conftest import free_port
@@ -85,6 +86,8 @@ def test_metrics_count_what_the_pipeline_did(
     assert get(m, "dispatch_events_enqueued_total", service="file") == 41
     assert get(m, "dispatch_delivery_retries_total", service="file") == 0
     assert get(m, "dispatch_stream_trimmed_unread_total", service="file") == 0
+    for quiet in ("dead_letters_trimmed", "batches_lost", "xack_failed", "attempts_gated"):
+        assert get(m, f"dispatch_{quiet}_total", service="file") == 0
     assert get(m, "dispatch_stream_lag", service="file") == 0
     assert get(m, "dispatch_stream_pending", service="file") == 0
     assert get(m, "dispatch_queue_depth", service="file") == 0
@@ -137,3 +140,23 @@ def test_a_scrape_without_redis_says_so_instead_of_failing(tmp_path: Path) -> No
     text = generate_latest(build_registry(settings, client, services=["file"])).decode()
     samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     assert samples == {"dispatch_redis_up": 0.0}
+
+
+def test_every_counter_the_pipeline_keeps_is_exported(
+    redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    """Each stats counter reaches the scrape with its value (none is kept in Redis only)."""
+    from dispatch_celery.stats import Counter
+
+    settings, _, _ = make(redis_url, tmp_path)
+    values = {counter: i + 1 for i, counter in enumerate(Counter)}
+    stats.add(r, "file", values)
+    with exporter(settings) as url:
+        m = scrape(url)
+    exported = [
+        value
+        for (name, labels), value in m.items()
+        if name.endswith("_total") and ("service", "file") in labels
+    ]
+    for counter, value in values.items():  # each counter's value is unique
+        assert value in exported, f"{counter.value} is not exported"

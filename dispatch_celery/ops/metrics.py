@@ -20,6 +20,12 @@ dispatch_delivery_retries_total           counter    delivery attempts that were
 dispatch_stream_trimmed_unread_total      counter    entries the producer trimmed unread
 dispatch_dead_letters_trimmed_total       counter    oldest dead letters dropped at the bound
                                                      (DISPATCH_DEADLETTER_MAX_LEN)
+dispatch_batches_lost_total               counter    in-flight batches whose blob vanished
+                                                     (lost Redis writes, eviction)
+dispatch_xack_failed_total                counter    finished batches whose entries could not
+                                                     be acknowledged (re-read, then skipped)
+dispatch_attempts_gated_total             counter    attempts not made: outage gate closed or
+                                                     service paused (credentials)
 dispatch_delivery_latency_seconds         histogram  event end (stream entry time) to delivery
 dispatch_stream_lag                       gauge      entries the group has not read yet
 dispatch_stream_pending                   gauge      read by a bridge, not yet acknowledged
@@ -87,6 +93,15 @@ _COUNTERS: tuple[tuple[str, str, Counter], ...] = (
     ("dispatch_dead_letters_trimmed",
      "Oldest dead letters dropped at the stream's bound (DISPATCH_DEADLETTER_MAX_LEN).",
      Counter.DEAD_LETTERS_TRIMMED),
+    ("dispatch_batches_lost",
+     "In-flight batches whose blob vanished from Redis (lost writes or eviction).",
+     Counter.BLOBS_LOST),
+    ("dispatch_xack_failed",
+     "Finished batches whose stream entries could not be acknowledged.",
+     Counter.XACK_FAILED),
+    ("dispatch_attempts_gated",
+     "Attempts not made while the outage gate was closed or the service paused.",
+     Counter.GATED),
 )  # fmt: skip
 
 
