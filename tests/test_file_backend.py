@@ -106,6 +106,36 @@ def test_a_torn_journal_line_is_ignored(tmp_path: Path) -> None:
     assert [rec["stream_id"] for rec in lines(path)] == [f"1700000000000-{i}" for i in range(4)]
 
 
+def test_a_batch_journaled_by_an_earlier_version_is_not_appended_again(tmp_path: Path) -> None:
+    """Journal lines of earlier versions carry a blake2b digest: a batch written before an
+    upgrade and retried after it is still recognised."""
+    import hashlib
+
+    path = tmp_path / "out.jsonl"
+    b = FileBackend(path)
+    batch = runs(0, 3)
+    payload = b"".join(b.line(run) for run in batch)
+    path.write_bytes(payload)  # what the earlier version appended, and journaled like this:
+    st = path.stat()
+    legacy = hashlib.blake2b(payload, digest_size=16).hexdigest()
+    b.journal_path.write_text(f"file/b1 {legacy} {st.st_dev}:{st.st_ino} 0 {len(payload)}\n")
+    b.deliver(batch, ctx("b1", attempt=2))
+    assert len(lines(path)) == 3
+    b.deliver(runs(3, 2), ctx("b2"))
+    b.deliver(runs(3, 2), ctx("b2", attempt=2))  # and this version's digest line too
+    assert [rec["stream_id"] for rec in lines(path)] == [f"1700000000000-{i}" for i in range(5)]
+
+
+def test_a_batch_whose_bytes_changed_is_appended_again(tmp_path: Path) -> None:
+    """Same batch, other bytes (the rules changed between attempts): what is in the file
+    is not what this attempt delivers, so it goes in; nothing is skipped on a tag alone."""
+    path = tmp_path / "out.jsonl"
+    b = FileBackend(path)
+    b.deliver(runs(0, 2), ctx("b1"))
+    b.deliver(runs(0, 3), ctx("b1", attempt=2))
+    assert len(lines(path)) == 5
+
+
 def _writer(path: str, k: int) -> None:
     b = FileBackend(Path(path))
     for j in range(20):
