@@ -134,7 +134,10 @@ class DeliveryContext:
     service: str
     batch_id: str
     attempt: int  # 1-based
-    max_attempts: int
+    # Always 0 (no attempt limit): retries end with DISPATCH_RETRY_BUDGET, a duration, not
+    # a count. Kept, with a default, so that plugins written against the first contract
+    # still build and run; new code should not read it.
+    max_attempts: int = 0
     acquire: Callable[[int], None] = _no_wait  # blocks until the shared rate limit allows
     slow_down: Callable[[float], None] = _no_slow_down  # all workers pause (vendor 429)
     # The service is coming back from an outage or a credentials pause: send one request

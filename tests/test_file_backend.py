@@ -28,7 +28,7 @@ def runs(start: int, n: int) -> list[Run]:
 
 
 def ctx(batch: str, attempt: int = 1) -> DeliveryContext:
-    return DeliveryContext(service="file", batch_id=batch, attempt=attempt, max_attempts=3)
+    return DeliveryContext(service="file", batch_id=batch, attempt=attempt)
 
 
 def lines(path: Path) -> list[dict[str, object]]:

@@ -77,7 +77,7 @@ def runs(start: int, n: int) -> list[Run]:
 
 
 def ctx(batch: str) -> DeliveryContext:
-    return DeliveryContext(service="file", batch_id=batch, attempt=1, max_attempts=3)
+    return DeliveryContext(service="file", batch_id=batch, attempt=1)
 
 
 def whole_lines(path: Path) -> list[dict[str, object]]:

@@ -163,9 +163,7 @@ def _helicone(server: FakeHelicone, concurrency: int) -> HeliconeBackend:
 
 
 def _ctx(limiter: RateLimiter) -> DeliveryContext:
-    return DeliveryContext(
-        "helicone", "b", 1, 8, acquire=limiter.acquire, slow_down=limiter.slow_down
-    )
+    return DeliveryContext("helicone", "b", 1, acquire=limiter.acquire, slow_down=limiter.slow_down)
 
 
 def test_a_vendor_429_pauses_every_worker(r: redis.Redis, redis_url: str) -> None:

@@ -697,7 +697,7 @@ class RecordingContext:
         self.slowed: list[float] = []
         self._lock = threading.Lock()
         self.ctx = DeliveryContext(
-            service=service, batch_id="batch-1", attempt=1, max_attempts=8,
+            service=service, batch_id="batch-1", attempt=1,
             acquire=self.acquire, slow_down=self.slow_down, probe=probe,
         )  # fmt: skip
 

@@ -502,7 +502,6 @@ class Deliverer:
             service=service,
             batch_id=batch_id,
             attempt=max(1, begun.state.total),
-            max_attempts=0,  # no attempt limit: the retry budget is a duration
             acquire=limits.acquire,
             slow_down=limits.slow_down,
             probe=begun.probe,
