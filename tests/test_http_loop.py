@@ -498,3 +498,84 @@ def test_helicone_is_an_http_backend() -> None:
     assert isinstance(backend, HttpBackend)
     assert backend.concurrency == 32
     backend.close()
+
+
+# --- proxies from the environment (resolved once per client) -------------------------------
+
+
+class _ForwardProxy:
+    """A plain HTTP forward proxy: takes absolute-URI requests, forwards them, records them."""
+
+    def __init__(self) -> None:
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen: list[tuple[str, str | None]] = []  # (request URI, Proxy-Authorization)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                proxy.seen.append((self.path, self.headers.get("Proxy-Authorization")))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                target = self.path.split("/", 3)  # http: '' host:port rest
+                upstream = http.client.HTTPConnection(target[2], timeout=10)
+                headers = {
+                    k: v for k, v in self.headers.items() if not k.lower().startswith("proxy-")
+                }
+                upstream.request("POST", "/" + target[3], body, headers)
+                answer = upstream.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream.close()
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.port = self.server.server_address[1]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("bypass", [False, True])
+def test_requests_go_through_the_environments_proxy_unless_no_proxy_says_otherwise(
+    bypass: bool, monkeypatch: pytest.MonkeyPatch, made: list[HttpBackend]
+) -> None:
+    """HTTP_PROXY (with its credentials) and NO_PROXY are honoured as requests honours them,
+    although they are resolved once per client rather than per request."""
+    from tests.vendor_servers import FakeHelicone
+
+    proxy = _ForwardProxy()
+    try:
+        with FakeHelicone() as vendor:
+            for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                         "all_proxy", "NO_PROXY", "no_proxy"):  # fmt: skip
+                monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv("HTTP_PROXY", f"http://user:pw@127.0.0.1:{proxy.port}")
+            if bypass:
+                monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+            backend = _make(
+                HeliconeBackend, "helicone", API_KEY=vendor.api_key, ENDPOINT=vendor.url
+            )
+            made.append(backend)
+            report = backend.deliver(chat_runs(3), RecordingContext("helicone").ctx)
+            assert report.deferred == {} and report.rejected == {}
+            assert len(vendor.received) == 3
+            endpoint = vendor.url
+    finally:
+        proxy.close()
+    if bypass:
+        assert proxy.seen == []
+    else:
+        assert [uri for uri, _ in proxy.seen] == [endpoint] * 3  # absolute URIs
+        expected = "Basic " + base64.b64encode(b"user:pw").decode()
+        assert {auth for _, auth in proxy.seen} == {expected}
