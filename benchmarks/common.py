@@ -16,8 +16,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -74,6 +76,22 @@ def start_redis(workdir: Path, *extra: str) -> tuple[str, subprocess.Popen[bytes
         except redis.ConnectionError:
             time.sleep(0.05)
     raise SystemExit("redis-server did not start")
+
+
+@contextmanager
+def private_redis(prefix: str) -> Iterator[tuple[str, redis.Redis, Path]]:
+    """A temporary work directory, a private redis-server in it and a client: (url, client,
+    work dir); the server is stopped and the directory removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    url, proc = start_redis(work)
+    client = redis.Redis.from_url(url)
+    try:
+        yield url, client, work
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def sized_events(n: int, size: int, *, seed: int = 1) -> Iterator[bytes]:

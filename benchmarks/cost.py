@@ -15,12 +15,8 @@ consumer, the pool, the task events Flower needs) and the backend's own work.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
-from pathlib import Path
 
-import redis
-from common import drain, load, start_redis
+from common import drain, load, private_redis
 
 
 def main() -> None:
@@ -30,10 +26,7 @@ def main() -> None:
     ap.add_argument("--env", action="append", default=[], help="NAME=value for the pipeline")
     args = ap.parse_args()
     env = dict(e.split("=", 1) for e in args.env)
-    work = Path(tempfile.mkdtemp(prefix="dispatch-cost-"))
-    url, proc = start_redis(work)
-    client = redis.Redis.from_url(url)
-    try:
+    with private_redis("dispatch-cost-") as (url, client, work):
         print(f"{args.events} sample events (~1.8 KB) per backend {env or ''}; {load()}")
         print("| backend | events/s | bridge us/event | worker us/event | Redis us/event "
               "| total | sink us/event |")  # fmt: skip
@@ -48,11 +41,6 @@ def main() -> None:
                 flush=True,
             )
         print(load())
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,8 @@ with the events; what the pipeline adds is the in-flight blobs (compressed).
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
-from pathlib import Path
 
-import redis
-from common import drain, load, start_redis
+from common import drain, load, private_redis
 
 HEADER = (
     "| events | event size | seconds | events/s | MB/s | peak RSS bridge MB "
@@ -47,16 +43,9 @@ def main() -> None:
     runs: list[tuple[int, int | None]] = [(int(n), None) for n in args.counts.split(",") if n]
     runs += [(args.size_events, int(s)) for s in args.sizes.split(",") if s]
     for n, size in runs:
-        work = Path(tempfile.mkdtemp(prefix="dispatch-growth-"))
-        url, proc = start_redis(work)  # a fresh server: its peak memory is this run's
-        client = redis.Redis.from_url(url)
-        try:
+        # a fresh server each run: its peak memory is this run's
+        with private_redis("dispatch-growth-") as (url, client, work):
             print(row(drain(url, client, work, n, size=size, env=env)), flush=True)
-        finally:
-            client.close()
-            proc.terminate()
-            proc.wait(30)
-            shutil.rmtree(work, ignore_errors=True)
     print(load())
 
 

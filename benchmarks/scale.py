@@ -13,12 +13,8 @@ over wall time and cores: 100% is saturated).
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
-from pathlib import Path
 
-import redis
-from common import drain, load, start_redis
+from common import drain, load, private_redis
 
 CONFIGS: list[tuple[str, list[list[str]], int]] = [
     ("1 worker process (-c 1)", [["-c", "1"]], 1),
@@ -35,10 +31,7 @@ def main() -> None:
     ap.add_argument("--env", action="append", default=[], help="NAME=value for the pipeline")
     args = ap.parse_args()
     env = dict(e.split("=", 1) for e in args.env)
-    work = Path(tempfile.mkdtemp(prefix="dispatch-scale-"))
-    url, proc = start_redis(work)
-    client = redis.Redis.from_url(url)
-    try:
+    with private_redis("dispatch-scale-") as (url, client, work):
         print(f"scale-out, {args.events} sample events, file backend {env or ''}; {load()}")
         print("| configuration | events/s | speed-up | cores busy | worker us/event |")
         print("|---|---|---|---|---|")
@@ -52,11 +45,6 @@ def main() -> None:
                 flush=True,
             )
         print(load())
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

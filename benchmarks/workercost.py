@@ -17,40 +17,21 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import shutil
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
-from pathlib import Path
 
-import redis
-from common import fill, load, start_redis
+from common import fill, load, private_redis
 
 from dispatch_celery.cli.sample import sample_events
 from dispatch_celery.settings import load_settings
 
 
-class _Recorder:
-    def __init__(self) -> None:
-        self.tasks: list[tuple[str, int, str]] = []
-
-    def connection_errors(self) -> tuple[type[BaseException], ...]:
-        return ()
-
-    def publish_many(self, batches: Sequence[tuple[str, int, str]]) -> None:
-        self.tasks.extend(batches)
-
-
-def attempts(
-    n: int, top: int, work: Path, env: dict[str, str] | None = None, repeat: int = 5
-) -> None:
+def attempts(n: int, top: int, env: dict[str, str] | None = None, repeat: int = 5) -> None:
     from dispatch_celery.delivery.attempt import Deliverer
     from dispatch_celery.ingest.bridge import Bridge
+    from dispatch_celery.ingest.enqueue import RecordingEnqueuer
 
-    url, proc = start_redis(work)
-    client = redis.Redis.from_url(url)
-    try:
+    with private_redis("dispatch-profile-") as (url, client, work):
         settings = load_settings(
             {
                 "DISPATCH_REDIS_URL": url,
@@ -64,8 +45,8 @@ def attempts(
         figures: list[tuple[float, float]] = []
         for round_ in range(repeat):
             fill(client, n)  # a fresh stream (and group) each round
-            recorder = _Recorder()
-            bridge = Bridge(settings, "file", recorder, consumer="profile", client=client)  # type: ignore[arg-type]
+            recorder = RecordingEnqueuer()
+            bridge = Bridge(settings, "file", recorder, consumer="profile", client=client)
             bridge.start()
             while sum(events for _, events, _ in recorder.tasks) < n:
                 bridge.step()
@@ -95,10 +76,6 @@ def attempts(
                 f"worker attempt CPU per event: best {plain[0]:.1f} us, median "
                 f"{plain[len(plain) // 2]:.1f} us over {len(plain)} rounds; {load()}"
             )
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
 
 
 def stages(n: int) -> None:
@@ -155,12 +132,7 @@ def main() -> None:
     if args.stages:
         stages(args.events)
         return
-    work = Path(tempfile.mkdtemp(prefix="dispatch-profile-"))
-    try:
-        env = dict(e.split("=", 1) for e in args.env)
-        attempts(args.events, args.profile, work, env, args.repeat)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    attempts(args.events, args.profile, dict(e.split("=", 1) for e in args.env), args.repeat)
 
 
 if __name__ == "__main__":

@@ -6,29 +6,16 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
 
 import redis
 
 from dispatch_celery.batches.codec import Entry
 from dispatch_celery.ingest.bridge import Bridge
+from dispatch_celery.ingest.enqueue import RecordingEnqueuer
 from dispatch_celery.ingest.streamset import StreamBuffers
 from dispatch_celery.settings import Settings
 
 STREAM = "llm-proxy-events"
-
-
-class Recorder:
-    """An enqueuer that only records the tasks (the broker always accepts)."""
-
-    def __init__(self) -> None:
-        self.tasks: list[tuple[str, int, str]] = []
-
-    def connection_errors(self) -> tuple[type[BaseException], ...]:
-        return ()
-
-    def publish_many(self, batches: Sequence[tuple[str, int, str]]) -> None:
-        self.tasks.extend(batches)
 
 
 def add(r: redis.Redis, n: int) -> None:
@@ -42,8 +29,8 @@ def test_a_quiet_stream_is_flushed_after_the_linger_not_the_interval(
     r: redis.Redis, settings: Settings
 ) -> None:
     s = settings.with_overrides(flush_interval=30.0, flush_linger=0.05)
-    rec = Recorder()
-    bridge = Bridge(s, "file", rec, consumer="c1", client=r)  # type: ignore[arg-type]
+    rec = RecordingEnqueuer()
+    bridge = Bridge(s, "file", rec, consumer="c1", client=r)
     bridge.start()
     add(r, 3)
     started = time.monotonic()
@@ -58,8 +45,8 @@ def test_while_reads_come_back_full_batches_fill_up(r: redis.Redis, settings: Se
     s = settings.with_overrides(
         flush_interval=30.0, flush_linger=0.05, batch_size=100, read_count=100
     )
-    rec = Recorder()
-    bridge = Bridge(s, "file", rec, consumer="c1", client=r)  # type: ignore[arg-type]
+    rec = RecordingEnqueuer()
+    bridge = Bridge(s, "file", rec, consumer="c1", client=r)
     add(r, 250)
     bridge.start()
     bridge.step()  # a full read: behind, so nothing partial may go out

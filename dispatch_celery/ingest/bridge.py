@@ -53,7 +53,7 @@ from dispatch_celery.batches.buffer import IntakeMeter
 from dispatch_celery.batches.codec import Entry, batch_id_for, encode, entry_from_fields, raw_size
 from dispatch_celery.batches.state import BatchStore
 from dispatch_celery.errors import StreamError
-from dispatch_celery.ingest.enqueue import Enqueuer
+from dispatch_celery.ingest.enqueue import Publisher
 from dispatch_celery.ingest.streams import Reply, StreamAdmin, per_stream, raw_stream_client
 from dispatch_celery.ingest.streamset import StreamBuffers, StreamSet, describe
 from dispatch_celery.settings import Settings
@@ -106,7 +106,7 @@ class Bridge:
         self,
         settings: Settings,
         service: str,
-        enqueuer: Enqueuer,
+        enqueuer: Publisher,
         *,
         group: str | None = None,
         consumer: str | None = None,

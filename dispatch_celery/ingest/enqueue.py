@@ -14,10 +14,34 @@ harmless: the batch's ticket makes every copy but one do nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 from celery import Celery
 
 from dispatch_celery import constants as c
+
+
+class Publisher(Protocol):
+    """What a bridge needs from an enqueuer (``Enqueuer``; ``RecordingEnqueuer`` in tests
+    and benchmarks)."""
+
+    def connection_errors(self) -> tuple[type[BaseException], ...]: ...
+
+    def publish_many(self, batches: Sequence[tuple[str, int, str]]) -> None: ...
+
+
+class RecordingEnqueuer:
+    """Test double: a broker that accepts every task and only records it
+    ``(batch id, events, token)``."""
+
+    def __init__(self) -> None:
+        self.tasks: list[tuple[str, int, str]] = []
+
+    def connection_errors(self) -> tuple[type[BaseException], ...]:
+        return ()
+
+    def publish_many(self, batches: Sequence[tuple[str, int, str]]) -> None:
+        self.tasks.extend(batches)
 
 
 class Enqueuer:
