@@ -54,11 +54,13 @@ def payload_digest(payload: bytes) -> str:
     return _DIGEST_PREFIX + hashlib.sha256(payload).hexdigest()[:32]
 
 
+def _legacy_digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def _digest_like(digest: str, data: bytes) -> str:
     """``data``'s digest made the way ``digest`` was (this version's, or the legacy one)."""
-    if digest.startswith(_DIGEST_PREFIX):
-        return payload_digest(data)
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    return payload_digest(data) if digest.startswith(_DIGEST_PREFIX) else _legacy_digest(data)
 
 
 class FileBackend:
@@ -214,7 +216,7 @@ class FileBackend:
             if found != digest:
                 if found.startswith(_DIGEST_PREFIX):
                     continue  # the batch's bytes differed then (e.g. other redaction rules)
-                legacy = legacy or _digest_like("", payload)
+                legacy = legacy or _legacy_digest(payload)
                 if found != legacy:
                     continue
             verdict = self._in_place(fields[1:], len(payload), found)

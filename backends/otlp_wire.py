@@ -9,6 +9,7 @@ outcomes).
 
 from __future__ import annotations
 
+import functools
 import gzip
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import (
     AnyValue,
     InstrumentationScope,
-    KeyValue,
 )
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
@@ -63,13 +63,6 @@ def set_any_value(target: AnyValue, value: Any) -> None:
         target.string_value = str(value)
 
 
-def any_value(value: Any) -> AnyValue:
-    """A Python value -> ``AnyValue``."""
-    out = AnyValue()
-    set_any_value(out, value)
-    return out
-
-
 def add_key_values(target: Any, attributes: Mapping[str, Any]) -> None:
     """Append ``attributes`` (None values left out) to a repeated ``KeyValue`` field."""
     for key, value in attributes.items():
@@ -77,12 +70,6 @@ def add_key_values(target: Any, attributes: Mapping[str, Any]) -> None:
             kv = target.add()
             kv.key = key
             set_any_value(kv.value, value)
-
-
-def key_values(attributes: Mapping[str, Any]) -> list[KeyValue]:
-    holder = Resource()
-    add_key_values(holder.attributes, attributes)
-    return list(holder.attributes)
 
 
 def to_proto(span: SpanData) -> Span:
@@ -130,19 +117,29 @@ class Envelope:
     scope_name: str
     scope_version: str
 
+    def _resource(self) -> Resource:
+        resource = Resource()
+        add_key_values(resource.attributes, self.resource)
+        return resource
+
+    def _scope(self) -> InstrumentationScope:
+        return InstrumentationScope(name=self.scope_name, version=self.scope_version)
+
     def request(self, spans: Sequence[Span]) -> ExportTraceServiceRequest:
-        scope_spans = ScopeSpans(
-            scope=InstrumentationScope(name=self.scope_name, version=self.scope_version)
-        )
+        request = ExportTraceServiceRequest()
+        resource_spans = request.resource_spans.add()
+        resource_spans.resource.CopyFrom(self._resource())
+        scope_spans = resource_spans.scope_spans.add()
+        scope_spans.scope.CopyFrom(self._scope())
         scope_spans.spans.extend(spans)
-        return ExportTraceServiceRequest(
-            resource_spans=[
-                ResourceSpans(
-                    resource=Resource(attributes=key_values(self.resource)),
-                    scope_spans=[scope_spans],
-                )
-            ]
-        )
+        return request
+
+    @functools.cached_property
+    def _framing(self) -> tuple[bytes, bytes]:
+        """The serialized resource and scope fields, the same for every request."""
+        resource = _field(ResourceSpans, "resource", self._resource().SerializeToString())
+        scope = _field(ScopeSpans, "scope", self._scope().SerializeToString())
+        return resource, scope
 
     def request_bytes(self, spans: Sequence[bytes]) -> bytes:
         """The protobuf body of ``request`` from spans serialized once each
@@ -151,14 +148,9 @@ class Envelope:
         the envelope's fields around the spans' bytes (field numbers from the reference
         protos; tests parse the result with them). The same bytes ``request`` serializes to.
         """
-        scope = InstrumentationScope(name=self.scope_name, version=self.scope_version)
-        inner = _field(ScopeSpans, "scope", scope.SerializeToString()) + b"".join(
-            _SPAN_TAG + _varint(len(span)) + span for span in spans
-        )
-        resource = Resource(attributes=key_values(self.resource)).SerializeToString()
-        outer = _field(ResourceSpans, "resource", resource) + _field(
-            ResourceSpans, "scope_spans", inner
-        )
+        resource, scope = self._framing
+        inner = scope + b"".join(_SPAN_TAG + _varint(len(span)) + span for span in spans)
+        outer = resource + _field(ResourceSpans, "scope_spans", inner)
         return _field(ExportTraceServiceRequest, "resource_spans", outer)
 
 
